@@ -1,0 +1,2 @@
+"""All plugin trainers, importable by name (``nnUNetv2_train ... -tr NAME``)."""
+from nnunetv2_vf.trainers.pctnet_trainer import *  # noqa: F401,F403

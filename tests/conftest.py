@@ -1,0 +1,44 @@
+"""Shared fixtures.  The end-to-end fixtures run nnU-Net's real console scripts on real data in ../shared/data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NNUNETV2_VF_SHARED", REPO.parent / "shared")).resolve()
+
+# One small hippocampus dataset, planned and preprocessed once per test session (2d and 3d_fullres).
+HIPPO_ID = 904
+HIPPO_NAME = "HippoSmall"
+HIPPO_CASES = 16
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir():
+        raise RuntimeError(f"shared data folder not found at {SHARED}; set NNUNETV2_VF_SHARED")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> dict:
+    """nnU-Net environment (raw/preprocessed/results in a temporary folder, plugin trainers visible)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    return nnunet_environment(root, extra={"OMP_NUM_THREADS": "2"})
+
+
+@pytest.fixture(scope="session")
+def hippo_dataset(nnunet_env, shared_dir) -> dict:
+    """A 16-case real hippocampus dataset, planned and preprocessed by ``nnUNetv2_plan_and_preprocess``.
+
+    Returns dict(id=..., name=..., raw=Path, env=...).
+    """
+    raw = make_subset_dataset(shared_dir / "data" / "Dataset004_Hippocampus", nnunet_env["nnUNet_raw"],
+                              HIPPO_ID, HIPPO_NAME, HIPPO_CASES)
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", HIPPO_ID, "-c", "2d", "3d_fullres", "-np", "1",
+                "--verify_dataset_integrity"], nnunet_env, echo=False)
+    return {"id": HIPPO_ID, "name": f"Dataset{HIPPO_ID:03d}_{HIPPO_NAME}", "raw": raw, "env": nnunet_env}
