@@ -1,0 +1,153 @@
+"""PCT-Net unit tests: conformance with the authors' implementation, shapes, patch flexibility, weight loading."""
+import pytest
+import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+from nnunetv2_vf.architectures.pctnet import (PCTNet, convert_misfm_state_dict, fit_patch_size, load_misfm_weights,
+                                              misfm_relative_position_index, pctnet_strides, required_divisibility)
+
+SMALL = (8, 16, 32, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def fixture_files(shared_dir):
+    folder = shared_dir / "fixtures" / "pctnet"
+    return folder / "pctnet_public_checkpoint.pt", folder / "pctnet_public_io.pt"
+
+
+def test_conformance_with_reference_outputs(fixture_files):
+    ckpt, io_file = fixture_files
+    io = torch.load(io_file, weights_only=True)
+    cfg = io["config"]
+    model = PCTNet(cfg["in_chns"], cfg["class_num"], features_per_stage=cfg["feature_chns"],
+                   resolution_mode=cfg["resolution_mode"], dropout=cfg["dropout"])
+    report = load_misfm_weights(model, ckpt)
+    assert len(report["loaded"]) == len(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        outputs = model(io["input"])
+    assert len(outputs) == len(io["outputs"]) == 4
+    for ours, ref in zip(outputs, io["outputs"]):
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_relative_position_index_reproduces_reference_quirk(fixture_files):
+    state = torch.load(fixture_files[0], weights_only=True)["model_state_dict"]
+    stored = state["pyramid_ct.convtrans_e2.trans.blocks.0.attn.relative_position_index"]
+    assert torch.equal(stored, misfm_relative_position_index(6))
+    # the textbook layout would differ: make sure we are not accidentally using it
+    w = 6
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w)] * 3, indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + w - 1
+    textbook = rel[..., 0] * (2 * w - 1) ** 2 + rel[..., 1] * (2 * w - 1) + rel[..., 2]
+    assert not torch.equal(stored, textbook)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_output_shapes_follow_strides(mode, deep_supervision):
+    div = required_divisibility(mode)
+    patch = [2 * d for d in div]
+    net = PCTNet(2, 4, features_per_stage=SMALL, resolution_mode=mode, deep_supervision=deep_supervision).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 2, *patch))
+    if not deep_supervision:
+        assert out.shape == (2, 4, *patch)
+        return
+    scale = torch.ones(3, dtype=torch.long)
+    for level, o in enumerate(out):
+        if level:
+            scale = scale * torch.tensor(pctnet_strides(mode)[level])
+        assert o.shape == (2, 4, *[p // s for p, s in zip(patch, scale.tolist())])
+
+
+def test_one_set_of_weights_serves_several_patch_sizes():
+    """Window masks/padding come from the input: the same weights run on patches of different shapes."""
+    net = PCTNet(1, 3, features_per_stage=SMALL, resolution_mode=1).eval()
+    with torch.no_grad():
+        for patch in [(16, 32, 32), (8, 48, 32), (24, 16, 64), (40, 64, 48)]:
+            out = net(torch.randn(1, 1, *patch))
+            assert out[0].shape == (1, 3, *patch)
+            assert torch.isfinite(out[0]).all()
+
+
+def test_toggling_deep_supervision_attribute_changes_output():
+    net = PCTNet(1, 2, features_per_stage=SMALL).eval()
+    x = torch.randn(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        assert isinstance(net(x), list)
+        net.decoder.deep_supervision = False
+        assert isinstance(net(x), torch.Tensor)
+
+
+def test_every_parameter_receives_gradient():
+    net = PCTNet(1, 3, features_per_stage=SMALL).train()
+    out = net(torch.randn(2, 1, 16, 32, 32))
+    sum(o.mean() for o in out).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_paper_configuration_parameter_count():
+    net = PCTNet(1, 5)
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - 44.2e6) / 44.2e6 < 0.01, n
+    assert any(".seg_layers." in f".{k}" for k in net.state_dict())
+    assert all("seg_layers" not in k for k in net.state_dict() if "heads" in k)
+
+
+def test_bad_inputs_give_clear_errors():
+    net = PCTNet(1, 2, features_per_stage=SMALL)
+    with pytest.raises(ValueError, match="3D network"):
+        net(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="input channel"):
+        net(torch.randn(1, 3, 8, 32, 32))
+    with pytest.raises(ValueError, match=r"divisible by \(8, 16, 16\)"):
+        net(torch.randn(1, 1, 8, 30, 32))
+    assert fit_patch_size((40, 56, 40), 1) == [40, 64, 48]
+    with pytest.raises(ValueError, match="strides"):
+        PCTNet(1, 2, features_per_stage=SMALL, resolution_mode=1, strides=pctnet_strides(0))
+
+
+def test_loading_into_other_class_count_keeps_all_but_classifiers(fixture_files):
+    reference = torch.load(fixture_files[0], weights_only=True)["model_state_dict"]
+    converted = convert_misfm_state_dict(reference, resolution_mode=1)
+    net = PCTNet(1, 7, features_per_stage=SMALL)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = load_misfm_weights(net, fixture_files[0])
+    after = net.state_dict()
+    assert report["skipped_classifier"] and all(".seg_layers." in k for k in report["skipped_classifier"])
+    for key, value in after.items():
+        if ".seg_layers." in f".{key}":
+            assert torch.equal(value, before[key])  # classifiers stay freshly initialised (7 classes)
+        else:
+            assert torch.equal(value, converted[key]), key
+
+
+def test_checkpoint_for_another_architecture_lists_mismatches(fixture_files, tmp_path):
+    net = PCTNet(1, 3, features_per_stage=(16, 32, 64, 128, 256))
+    with pytest.raises(ValueError, match="shape mismatch: stem.proj.weight"):
+        load_misfm_weights(net, fixture_files[0])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_misfm_weights(net, tmp_path / "missing.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_misfm_weights(net, tmp_path / "empty.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_misfm_weights(net, tmp_path / "corrupt.pt")
+    with pytest.raises(ValueError, match="not a MIS-FM PCT-Net"):
+        load_misfm_weights(net, {"network_weights": net.state_dict()})
+
+
+def test_nnunet_pretrained_weights_loader_skips_only_classifiers(tmp_path):
+    """nnU-Net's own -pretrained_weights path: a 5-class pretext model into a 3-class task model."""
+    pretext = PCTNet(1, 5, features_per_stage=SMALL)
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": pretext.state_dict()}, path)
+    task = PCTNet(1, 3, features_per_stage=SMALL)
+    load_pretrained_weights(task, str(path))
+    for key, value in task.state_dict().items():
+        if ".seg_layers." not in f".{key}":
+            assert torch.equal(value, pretext.state_dict()[key]), key
