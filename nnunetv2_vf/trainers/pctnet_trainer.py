@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
 
-__all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_20epochs",
+__all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
            "PCTNET_CLASS_NAME", "with_pctnet_architecture", "WarmupPolyLRScheduler"]
 
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
@@ -137,12 +137,12 @@ class PCTNetTrainer_small_2epochs(PCTNetTrainer_small):
         self.num_val_iterations_per_epoch = 2
 
 
-class PCTNetTrainer_small_20epochs(PCTNetTrainer_small):
-    """Demo size: 20 epochs x 25 iterations (a few minutes on 2 CPU cores for hippocampus)."""
+class PCTNetTrainer_small_10epochs(PCTNetTrainer_small):
+    """Demo size: 10 epochs x 25 iterations (a few minutes on 2 CPU cores for hippocampus)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
+        self.num_epochs = 10
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 5

@@ -1,0 +1,266 @@
+"""Volume Fusion pretext task: fusion identity, label statistics, box scaling, seeding, workers, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.dataloading.data_loader import DataLoader
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+from nnunetv2_vf.pretrain.volume_fusion import (
+    VolumeFusionTransform, downsample_labels, grid_block_labels, grid_block_size_range, paint_boxes,
+    paper_box_labels, paper_box_size_range, sample_paper_boxes, volume_fusion)
+
+CROP = (16, 24, 20)
+
+
+def _batch(seed=0, b=3, c=2, shape=CROP, dtype=np.float32):
+    return np.random.default_rng(seed).normal(size=(b, c, *shape)).astype(dtype)
+
+
+def _expected(labels, foreground, background):
+    alpha = labels.astype(np.float64) / 4
+    return alpha * foreground + (1 - alpha) * background
+
+
+# ---------------------------------------------------------------------------------------------- identity / labels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_paper_fusion_identity_uses_previous_sample_as_foreground(dtype):
+    batch = _batch(dtype=dtype)
+    fused, labels = volume_fusion(batch, np.random.default_rng(1), "paper")
+    assert fused.shape == batch.shape and fused.dtype == batch.dtype
+    assert labels.shape == (3, 1, *CROP) and labels.dtype == np.uint8
+    assert labels.min() == 0 and labels.max() <= 4 and set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    foreground = batch[[2, 0, 1]]  # sample (n - 1) mod B
+    np.testing.assert_allclose(fused, _expected(labels, foreground, batch), rtol=0, atol=1e-6)
+    # class 4 is pure foreground and class 0 untouched background, voxel for voxel and in every channel
+    full = np.broadcast_to(labels == 4, batch.shape)
+    untouched = np.broadcast_to(labels == 0, batch.shape)
+    np.testing.assert_array_equal(fused[full], foreground[full])
+    np.testing.assert_array_equal(fused[untouched], batch[untouched])
+    assert not np.allclose(fused[~untouched], batch[~untouched])
+
+
+def test_grid_fusion_identity_with_augmented_crops_of_the_same_sample():
+    batch = _batch(b=2)
+    batch[1] += 100.0  # a very different second sample: the grid variant must not mix samples
+    fused, labels, fg, bg = volume_fusion(batch, np.random.default_rng(2), "grid", return_sources=True)
+    assert fused.shape == batch.shape and fused.dtype == np.float32
+    assert labels.shape == (2, 1, *CROP) and labels.dtype == np.uint8 and labels.max() <= 4
+    np.testing.assert_allclose(fused, _expected(labels, fg, bg), rtol=0, atol=1e-6)
+    # both crops are contrast-remapped to [0, 1] and are different augmentations
+    for crop in (fg, bg):
+        assert crop.min() >= 0 and crop.max() <= 1 and crop.max() - crop.min() > 0.5
+    assert not np.allclose(fg, bg)
+    assert fused.min() >= 0 and fused.max() <= 1  # a +100 offset from another sample would show here
+
+
+def test_volume_fusion_of_a_real_image_batch(hippo_images):
+    batch = np.stack([img[None] for img in hippo_images[:2]])
+    fused, labels = volume_fusion(batch, np.random.default_rng(0))
+    np.testing.assert_allclose(fused, _expected(labels, batch[[1, 0]], batch), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+# Sample std of the per-map class-0 fraction at 64x128x128 is ~0.14 (paper) / ~0.06 (grid), of one foreground
+# class ~0.08 / ~0.025; with 160 maps the standard errors are ~0.011 / 0.0045 and ~0.006 / 0.002, so the
+# tolerances below are about 4 standard errors around the reference values of the spec.
+@pytest.mark.parametrize("make_labels, background, background_tol, per_class, class_tol", [
+    (paper_box_labels, 0.485, 0.045, 0.129, 0.025),
+    (grid_block_labels, 0.44, 0.02, 0.14, 0.01),
+])
+def test_class_fractions_match_reference(make_labels, background, background_tol, per_class, class_tol):
+    rng = np.random.default_rng(123)
+    counts = np.zeros(5)
+    for _ in range(160):
+        counts += np.bincount(make_labels((64, 128, 128), rng).ravel(), minlength=5)
+    fractions = counts / counts.sum()
+    assert abs(fractions[0] - background) < background_tol, fractions
+    assert np.all(np.abs(fractions[1:] - per_class) < class_tol), fractions
+
+
+def test_paper_box_sizes_scale_with_the_crop():
+    assert [r.tolist() for r in paper_box_size_range((64, 128, 128))] == [[8, 8, 8], [40, 80, 80]]
+    shape = (16, 32, 48)
+    lo, hi = paper_box_size_range(shape)
+    assert lo.tolist() == [2, 2, 3] and hi.tolist() == [10, 20, 30]
+    assert [r.tolist() for r in paper_box_size_range((1, 3, 5))] == [[1, 1, 1], [1, 2, 3]]
+    rng = np.random.default_rng(5)
+    sizes, counts = [], []
+    for _ in range(200):
+        starts, box_sizes, classes = sample_paper_boxes(shape, rng)
+        sizes.append(box_sizes)
+        counts.append(len(classes))
+        assert set(np.unique(classes)) <= {1, 2, 3, 4}
+    sizes = np.concatenate(sizes)
+    assert np.all(sizes.min(0) == lo) and np.all(sizes.max(0) == hi)
+    assert min(counts) == 10 and max(counts) == 40
+    # painted boxes never exceed the largest box extent, and are clipped to the crop
+    starts, box_sizes, _ = sample_paper_boxes(shape, rng)
+    for start, size in zip(starts, box_sizes):
+        painted = paint_boxes(shape, start[None], size[None], np.array([3]))
+        extent = np.array([np.ptp(i) + 1 for i in np.nonzero(painted)])
+        assert np.all(extent <= hi) and np.all(extent == np.minimum(start + size, shape) - np.maximum(start, 0))
+
+
+def test_grid_blocks_scale_with_the_crop_and_fuse_seventy_percent():
+    assert [r.tolist() for r in grid_block_size_range((64, 128, 128))] == [[5, 8, 8], [20, 32, 32]]
+    lo, hi = grid_block_size_range((32, 32, 32))
+    assert lo.tolist() == [2, 2, 2] and hi.tolist() == [10, 8, 8]
+    shape = np.array([32, 40, 36])
+    lo, hi = grid_block_size_range(shape)
+    for seed in range(20):
+        labels = grid_block_labels(shape, np.random.default_rng(seed))
+        # replay the first two draws (block size, then grid offset) to locate the grid
+        replay = np.random.default_rng(seed)
+        block = replay.integers(lo, hi + 1)
+        n_blocks = shape // block
+        offset = replay.integers(0, shape - n_blocks * block + 1)
+        grid = labels[tuple(slice(o, o + n * b) for o, n, b in zip(offset, n_blocks, block))]
+        outside = labels.copy()
+        outside[tuple(slice(o, o + n * b) for o, n, b in zip(offset, n_blocks, block))] = 0
+        assert not outside.any(), "the border remainder must stay class 0"
+        blocks = grid.reshape(n_blocks[0], block[0], n_blocks[1], block[1], n_blocks[2], block[2])
+        per_block = blocks[:, :1, :, :1, :, :1]
+        assert np.all(blocks == per_block), "each block must carry one class"
+        assert np.count_nonzero(per_block) == int(np.floor(0.7 * n_blocks.prod()))
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+@pytest.mark.parametrize("variant", ["paper", "grid"])
+def test_same_seed_same_output_different_seed_different_output(variant):
+    batch = _batch()
+    a = volume_fusion(batch, np.random.default_rng(42), variant)
+    b = volume_fusion(batch, np.random.default_rng(42), variant)
+    c = volume_fusion(batch, np.random.default_rng(43), variant)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[1], c[1]) and not np.array_equal(a[0], c[0])
+    t1 = VolumeFusionTransform(variant, seed=7)(data=batch.copy())
+    t2 = VolumeFusionTransform(variant, seed=7)(data=batch.copy())
+    t3 = VolumeFusionTransform(variant, seed=8)(data=batch.copy())
+    np.testing.assert_array_equal(t1["target"], t2["target"])
+    assert not np.array_equal(t1["target"], t3["target"])
+
+
+# ---------------------------------------------------------------------------------------------- transform
+def test_transform_keeps_torch_and_downsamples_like_nnunet():
+    scales = [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
+    batch = torch.from_numpy(_batch(b=2, shape=(16, 32, 32)))
+    out = VolumeFusionTransform(seed=0, deep_supervision_scales=scales)(data=batch.clone(), target=None, keys=["a"])
+    assert isinstance(out["data"], torch.Tensor) and out["data"].dtype == torch.float32
+    assert out["keys"] == ["a"]
+    pyramid = out["target"]
+    assert [tuple(p.shape) for p in pyramid] == [(2, 1, 16, 32, 32), (2, 1, 8, 16, 16), (2, 1, 4, 8, 8)]
+    assert all(p.dtype == torch.int16 for p in pyramid)
+    np.testing.assert_allclose(out["data"].numpy(),
+                               _expected(pyramid[0].numpy(), batch.numpy()[[1, 0]], batch.numpy()), atol=1e-6)
+    per_sample = [DownsampleSegForDSTransform(scales)(segmentation=pyramid[0][i])["segmentation"] for i in range(2)]
+    for level, reference in enumerate(zip(*per_sample)):
+        torch.testing.assert_close(pyramid[level], torch.stack(reference))
+    numpy_levels = downsample_labels(pyramid[0].numpy(), scales)
+    assert all(isinstance(level, np.ndarray) for level in numpy_levels)
+    out_np = VolumeFusionTransform("grid", data_key="img", label_key="seg", seed=0)(img=batch.numpy())
+    assert isinstance(out_np["img"], np.ndarray) and out_np["seg"].dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------- workers
+@pytest.fixture(scope="module")
+def hippo_images(shared_dir):
+    """Six real hippocampus T1 crops, z-scored and cropped/padded to 32x48x32 (D, H, W)."""
+    folder = shared_dir / "data" / "Dataset004_Hippocampus" / "imagesTr"
+    images = []
+    for path in sorted(folder.glob("*.nii.gz"))[:6]:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+        image = (image - image.mean()) / max(image.std(), 1e-8)
+        out = np.zeros((32, 48, 32), np.float32)
+        region = tuple(slice(0, min(a, b)) for a, b in zip(image.shape, out.shape))
+        out[region] = image[region]
+        images.append(out)
+    return images
+
+
+class _FixedCropLoader(DataLoader):
+    """Yields the same real two-crop batch in every worker, so only the fusion RNG can make batches differ."""
+
+    def __init__(self, images):
+        super().__init__(images, batch_size=2, num_threads_in_multithreaded=2, infinite=True)
+
+    def generate_train_batch(self):
+        data = np.stack([image[None] for image in self._data[:2]])
+        return {"data": data, "original": data.copy()}
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_transform_in_multithreaded_augmenter_with_real_images(hippo_images, seed):
+    def run():
+        transform = VolumeFusionTransform("paper", seed=seed)
+        transform(data=_batch(b=2))  # used in the parent before the workers fork: they must not share its stream
+        augmenter = MultiThreadedAugmenter(_FixedCropLoader(hippo_images), transform, num_processes=2,
+                                           num_cached_per_queue=1, seeds=[11, 12])
+        try:
+            return [next(augmenter) for _ in range(4)]  # round robin: worker 0, 1, 0, 1
+        finally:
+            augmenter._finish()
+
+    batches = run()
+    for batch in batches:
+        original = batch["original"]
+        np.testing.assert_allclose(batch["data"], _expected(batch["target"], original[[1, 0]], original), atol=1e-5)
+        assert batch["target"].shape == (2, 1, 32, 48, 32) and 0 < np.mean(batch["target"] > 0) < 1
+    labels = [b["target"] for b in batches]
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[2], labels[3])
+    assert not np.array_equal(labels[0], labels[2])  # a worker's stream advances
+    if seed is not None:  # a seeded transform in a seeded augmenter repeats exactly
+        again = run()
+        for x, y in zip(batches, again):
+            np.testing.assert_array_equal(x["target"], y["target"])
+
+
+def test_transform_in_nnunets_nondet_augmenter_with_torch_batches(hippo_images):
+    """nnU-Net 2.8 trains through NonDetMultiThreadedAugmenter with seeds=None and torch batches."""
+    class TorchLoader(_FixedCropLoader):
+        def generate_train_batch(self):
+            batch = super().generate_train_batch()
+            return {key: torch.from_numpy(value) for key, value in batch.items()}
+
+    augmenter = NonDetMultiThreadedAugmenter(TorchLoader(hippo_images), VolumeFusionTransform(), num_processes=2,
+                                             num_cached=2, seeds=None)
+    try:
+        batches = [next(augmenter) for _ in range(6)]
+    finally:
+        augmenter._finish()
+    for batch in batches:
+        assert isinstance(batch["data"], torch.Tensor) and batch["target"].dtype == torch.int16
+        original = batch["original"].numpy()
+        np.testing.assert_allclose(batch["data"].numpy(), _expected(batch["target"].numpy(), original[[1, 0]],
+                                                                     original), atol=1e-5)
+    labels = [b["target"].numpy() for b in batches]
+    assert all(not np.array_equal(labels[i], labels[j]) for i in range(6) for j in range(i + 1, 6))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_errors_name_problem_and_fix():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"another sample of the batch.*batch size >= 2 or variant='grid'"):
+        volume_fusion(_batch(b=1), rng, "paper")
+    fused, labels = volume_fusion(_batch(b=1), rng, "grid")  # a single sample is fine for "grid"
+    assert fused.shape == (1, 2, *CROP)
+    with pytest.raises(ValueError, match=r"\[B, C, D, H, W\]"):
+        volume_fusion(np.zeros((2, 1, 16, 16), np.float32), rng)
+    with pytest.raises(ValueError, match=r"'paper', 'grid'"):
+        volume_fusion(_batch(), rng, "boxes")
+    with pytest.raises(ValueError, match=r"'paper', 'grid'"):
+        VolumeFusionTransform("boxes")
+    for bad in (np.nan, np.inf):
+        batch = _batch()
+        batch[1, 0, 3, 4, 5] = bad
+        with pytest.raises(ValueError, match="NaN or Inf.*clean/normalise"):
+            volume_fusion(batch, rng)
+    with pytest.raises(ValueError, match="floating-point.*astype"):
+        volume_fusion(np.zeros((2, 1, 4, 4, 4), np.int16), rng)
+    with pytest.raises(KeyError, match="data_key"):
+        VolumeFusionTransform()(image=_batch())
