@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_vf.workflow import console_script, nnunet_environment, run_nnunet
+from nnunetv2_vf.workflow import nnunet_environment, run_nnunet
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "Dataset004_HippocampusDemo"
 DATASET_ID = 4
 DATASET_NAME = "Dataset004_HippocampusDemo"
+SMALL_FEATURES = (8, 16, 32, 64, 128)  # PCTNetTrainer_small
+VF_PLANS = "nnUNetPlans_VF"
 
 
 def _step(title: str) -> float:
@@ -130,15 +132,24 @@ def main(argv=None) -> None:
 
 
 def _pretrain(args, env: dict, raw: Path, out: Path) -> dict:
-    """Volume Fusion pretraining on the training images (labels unused) and the matching fine-tuning run."""
-    try:
-        console_script("nnUNetv2_vf_pretrain")
-    except FileNotFoundError:
-        print("nnUNetv2_vf_pretrain is not installed; skipping the pretrained run")
-        return {}
-    from nnunetv2_vf.demo_pretraining import pretrain_and_adapt
-
-    return pretrain_and_adapt(args, env, raw, out, DATASET_ID)
+    """Volume Fusion pretraining on the 32 training images (labels unused; test images never seen), then plans
+    that reproduce the pretraining preprocessing and network. Returns the two runs to compare on those plans."""
+    iterations = 20 if args.quick else 300
+    pretrain_dir = out / "vf_pretraining"
+    t = _step(f"pretrain: nnUNetv2_vf_pretrain on imagesTr ({iterations} iterations, Volume Fusion 'paper')")
+    run_nnunet(["nnUNetv2_vf_pretrain", raw / "imagesTr", "-o", pretrain_dir, "--iterations", iterations,
+                "--batch-size", 2, "--patch-size", 40, 64, 48, "--modality", "MR", "--features", *SMALL_FEATURES,
+                "--device", args.device, "--num-workers", 0, "--val-every", max(10, iterations // 6)], env)
+    print(f"[{time.time() - t:.0f} s]")
+    t = _step("adapt plans: nnUNetv2_vf_adapt_plans + nnUNetv2_preprocess (same network and preprocessing)")
+    run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", DATASET_ID, "-a", pretrain_dir / "adaptation_plan.json",
+                "-p", VF_PLANS], env)
+    run_nnunet(["nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", VF_PLANS, "-c", "3d_fullres", "-np", 1], env)
+    print(f"[{time.time() - t:.0f} s]")
+    suffix = "2epochs" if args.quick else "10epochs"
+    return {"scratch": (f"PCTNetTrainer_small_{suffix}", [], VF_PLANS),
+            "vf_pretrained": (f"VFPretrainedTrainer_small_{suffix}",
+                              ["-pretrained_weights", pretrain_dir / "checkpoint_final.pth"], VF_PLANS)}
 
 
 if __name__ == "__main__":
