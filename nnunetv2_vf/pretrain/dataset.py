@@ -1,0 +1,306 @@
+"""Unlabelled image index, preprocessing and patch sampling for Volume Fusion pretraining.
+
+The index is a list of file paths (never the images): thousands of volumes cost a few kB. Each volume is
+preprocessed once, on first use, with nnU-Net's own machinery (``resample_data_or_seg_to_shape``,
+``CTNormalization`` / ``ZScoreNormalization``) and cached as ``.npy`` that is memory-mapped when patches are cut.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
+
+__all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "Preprocessing", "find_images", "check_volume_headers",
+           "VolumeCache", "crop_or_pad", "VFPretrainDataLoader", "nnunet_augmentation"]
+
+# what SimpleITK reads and nnU-Net datasets commonly use (longest first so '.nii.gz' wins over '.gz')
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl", ".tif", ".tiff",
+                    ".vtk", ".img", ".hdr")
+CT_WINDOW = (-1000.0, 1000.0)  # HU clip of the MIS-FM reference pipeline, mapped linearly to [-1, 1]
+
+
+def _extension(name: str) -> Optional[str]:
+    lower = name.lower()
+    return next((e for e in IMAGE_EXTENSIONS if lower.endswith(e)), None)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files of nnU-Net raw dataset folders (``imagesTr`` and ``imagesTs``; labels are ignored) or of plain
+    folders (recursively). Sorted, so every DDP rank sees the same order."""
+    files: list[Path] = []
+    for entry in inputs:
+        root = Path(entry)
+        if root.is_file():
+            files.append(root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"pretraining input {root} does not exist; give nnU-Net raw dataset folders "
+                                    f"(with imagesTr/) or folders of images")
+        sub = [root / s for s in ("imagesTr", "imagesTs") if (root / s).is_dir()]
+        found = [p for d in (sub or [root]) for p in sorted(d.rglob("*"))
+                 if p.is_file() and _extension(p.name) and not p.name.startswith(".")]
+        if not found:
+            raise ValueError(f"no images found in {root} (looked in {', '.join(str(d) for d in (sub or [root]))}); "
+                             f"accepted extensions: {', '.join(IMAGE_EXTENSIONS)}")
+        files.extend(found)
+    # '.img'/'.hdr' and '.mhd'/'.raw' pairs: keep the header file only
+    return sorted({f for f in files if not f.name.lower().endswith(".img") or not f.with_suffix(".hdr").exists()})
+
+
+def check_volume_headers(files: Sequence[Path]) -> list[Path]:
+    """Read only the headers: drop unreadable files (warning naming them) and reject 2D images.
+
+    Raises if no file is a readable 3D volume.
+    """
+    good, two_d = [], []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(f))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            warnings.warn(f"skipping unreadable image {f}: {str(e).strip().splitlines()[-1][:200]}")
+            continue
+        size = reader.GetSize()
+        if reader.GetDimension() != 3 or min(size) < 1 or (reader.GetDimension() == 3 and size[2] == 1):
+            two_d.append(f)
+            continue
+        good.append(f)
+    if two_d:
+        msg = (f"{len(two_d)} image(s) are not 3D volumes (e.g. {two_d[0]}, size {_size(two_d[0])}); Volume Fusion "
+               f"pretraining needs 3D volumes: convert 2D slices/series to 3D images or remove them")
+        if not good:
+            raise ValueError(msg)
+        warnings.warn(msg + "; they are skipped")
+    if not good:
+        raise ValueError(f"none of the {len(files)} input image(s) could be read (first: {files[0] if files else '-'})"
+                         f"; check the files are SimpleITK-readable images ({', '.join(IMAGE_EXTENSIONS)})")
+    return good
+
+
+def _size(f: Path):
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(f))
+    reader.ReadImageInformation()
+    return reader.GetSize()
+
+
+@dataclass
+class Preprocessing:
+    """What is done to every volume; recorded in ``adaptation_plan.json`` so fine-tuning repeats it.
+
+    ``spacing`` (D, H, W order, mm) or None for native spacing; ``normalization`` "CT" (clip to ``ct_window`` HU and
+    map linearly to [-1, 1], nnU-Net's CTNormalization with fixed properties) or "MR" (per-image z-score, nnU-Net's
+    ZScoreNormalization).
+    """
+    normalization: str = "CT"
+    spacing: Optional[list[float]] = None
+    ct_window: list[float] = field(default_factory=lambda: list(CT_WINDOW))
+
+    def __post_init__(self):
+        if self.normalization not in ("CT", "MR"):
+            raise ValueError(f"normalization must be 'CT' or 'MR', got {self.normalization!r}")
+        if self.spacing is not None:
+            self.spacing = [float(s) for s in self.spacing]
+            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise ValueError(f"--spacing needs three positive values (D H W, mm), got {self.spacing}")
+
+    @property
+    def ct_intensity_properties(self) -> dict:
+        """CTNormalization properties that reproduce the fixed HU window (clip, centre, half-width)."""
+        lo, hi = self.ct_window
+        return {"mean": (lo + hi) / 2, "std": (hi - lo) / 2, "percentile_00_5": lo, "percentile_99_5": hi,
+                "min": lo, "max": hi, "median": (lo + hi) / 2}
+
+    def nnunet_scheme(self) -> str:
+        return "CTNormalization" if self.normalization == "CT" else "ZScoreNormalization"
+
+    def normalizer(self):
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import (CTNormalization,
+                                                                                        ZScoreNormalization)
+        if self.normalization == "CT":
+            return CTNormalization(use_mask_for_norm=False, intensityproperties=self.ct_intensity_properties)
+        return ZScoreNormalization(use_mask_for_norm=False, intensityproperties={})
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def __call__(self, path: Path) -> np.ndarray:
+        """Read, check, resample and normalise one volume -> float32 [1, D, H, W]."""
+        from nnunetv2.preprocessing.resampling.default_resampling import (compute_new_shape,
+                                                                          resample_data_or_seg_to_shape)
+        check_complete(path)
+        image = sitk.ReadImage(str(path))
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"{path}: Volume Fusion pretraining needs single-channel 3D volumes, got a "
+                             f"{image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
+                             f"component(s)")
+        data = sitk.GetArrayFromImage(image).astype(np.float32)[None]  # [1, D, H, W], z first like nnU-Net
+        finite = np.isfinite(data)
+        if not finite.all():
+            warnings.warn(f"{path}: {int((~finite).sum())} NaN/Inf voxel(s) replaced by 0 before normalisation")
+            data = np.where(finite, data, 0).astype(np.float32)
+        spacing = list(image.GetSpacing())[::-1]
+        if self.spacing is not None and not np.allclose(spacing, self.spacing):
+            new_shape = compute_new_shape(data.shape[1:], spacing, self.spacing)
+            data = resample_data_or_seg_to_shape(data, new_shape, spacing, self.spacing, is_seg=False, order=3,
+                                                 order_z=0, force_separate_z=None).astype(np.float32)
+        data = self.normalizer().run(data[0])[None]
+        return np.nan_to_num(data, copy=False).astype(np.float32, copy=False)
+
+
+def check_complete(path: Path) -> None:
+    """Raise if the file is truncated: ITK silently fills missing voxels of a cut-off file with zeros."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        except (EOFError, OSError) as e:
+            raise ValueError(f"truncated or corrupt gzip data ({e})") from e
+    elif name.endswith(".nii"):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        probe = sitk.Image([1, 1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
+        expected = 348 + int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents() * \
+            probe.GetSizeOfPixelComponent()
+        if path.stat().st_size < expected:
+            raise ValueError(f"file is truncated ({path.stat().st_size} bytes, expected >= {expected})")
+
+
+class VolumeCache:
+    """Lazily preprocessed volumes, one ``.npy`` per file, memory-mapped on read.
+
+    Writing is atomic (tmp file + ``os.replace``), so concurrent workers/ranks that preprocess the same volume at
+    the same time cannot leave a half-written cache entry.
+    """
+
+    def __init__(self, files: Sequence[Path], cache_dir: str | os.PathLike, preprocessing: Preprocessing):
+        self.files = [Path(f) for f in files]
+        self.cache_dir = Path(cache_dir) / preprocessing.key()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.preprocessing = preprocessing
+        self.failed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def cache_path(self, i: int) -> Path:
+        f = self.files[i]
+        digest = hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:12]
+        stem = f.name[: -len(_extension(f.name) or "")] or f.name
+        return self.cache_dir / f"{stem}_{digest}.npy"
+
+    def load(self, i: int) -> Optional[np.ndarray]:
+        """Memory-mapped [1, D, H, W] volume, or None if the file cannot be read (warned once)."""
+        if i in self.failed:
+            return None
+        target = self.cache_path(i)
+        if not target.exists():
+            try:
+                data = self.preprocessing(self.files[i])
+            except Exception as e:  # SimpleITK raises RuntimeError for corrupt data, we raise ValueError
+                warnings.warn(f"skipping {self.files[i]}: cannot read/preprocess it ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})")
+                self.failed.add(i)
+                return None
+            tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, data)
+            os.replace(tmp, target)
+        return np.load(target, mmap_mode="r")
+
+
+def crop_or_pad(volume: np.ndarray, patch_size: Sequence[int], rng: np.random.Generator,
+                pad_value: float = 0.0) -> np.ndarray:
+    """Random crop [C, *patch] of a [C, D, H, W] volume; sides smaller than the patch are padded (centred)."""
+    out = np.full((volume.shape[0], *patch_size), pad_value, dtype=np.float32)
+    src, dst = [], []
+    for size, patch in zip(volume.shape[1:], patch_size):
+        if size >= patch:
+            start = int(rng.integers(0, size - patch + 1))
+            src.append(slice(start, start + patch))
+            dst.append(slice(0, patch))
+        else:
+            offset = (patch - size) // 2
+            src.append(slice(0, size))
+            dst.append(slice(offset, offset + size))
+    out[(slice(None), *dst)] = volume[(slice(None), *src)]
+    return out
+
+
+def nnunet_augmentation(patch_size: Sequence[int]):
+    """nnU-Net's own per-sample training transforms (rotation, scaling, noise, blur, brightness, contrast,
+    low-resolution simulation, gamma, mirroring) and the larger crop size its spatial transform expects."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.configuration import ANISO_THRESHOLD
+    patch_size = [int(p) for p in patch_size]
+    dummy_2d = (max(patch_size) / patch_size[0]) > ANISO_THRESHOLD
+    angle = (np.pi if dummy_2d else 30. / 180 * np.pi)
+    rotation = (-angle, angle)
+    initial = [int(i) for i in get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))]
+    if dummy_2d:
+        initial[0] = patch_size[0]
+    transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation, None, (0, 1, 2), dummy_2d)
+    return transforms, initial
+
+
+class VFPretrainDataLoader(SlimDataLoaderBase):
+    """Batches of randomly cropped, per-sample augmented patches [B, 1, *patch] (before Volume Fusion).
+
+    ``indices`` are this rank's share of the volume index. All randomness comes from ``self.rng`` (saved in
+    checkpoints), numpy's and torch's global generators (nnU-Net's transforms), so an in-process loader resumes
+    exactly.
+    """
+
+    def __init__(self, cache: VolumeCache, indices: Sequence[int], patch_size: Sequence[int], batch_size: int,
+                 augment: bool = True, seed: Optional[int] = None):
+        super().__init__(None, batch_size, None)
+        if len(indices) == 0:
+            raise ValueError("this rank received no volumes: use fewer processes than input volumes")
+        self.cache = cache
+        self.indices = list(indices)
+        self.patch_size = [int(p) for p in patch_size]
+        self.transforms, self.crop_size = (nnunet_augmentation(self.patch_size) if augment
+                                           else (None, self.patch_size))
+        self.rng = np.random.default_rng(seed)
+        self._owner_pid = os.getpid()
+
+    def _sample_volume(self) -> np.ndarray:
+        for _ in range(10 * len(self.indices) + 10):
+            i = self.indices[int(self.rng.integers(len(self.indices)))]
+            volume = self.cache.load(i)
+            if volume is not None:
+                return volume
+            if len(self.cache.failed.intersection(self.indices)) == len(self.indices):
+                break
+        raise RuntimeError(f"none of the {len(self.indices)} volumes of this process could be read; see the "
+                           f"warnings above for the files and reasons")
+
+    def generate_train_batch(self) -> dict:
+        if os.getpid() != self._owner_pid:
+            # an augmenter worker: batchgenerators seeded numpy's global generator per worker; derive our own
+            # stream from it so that workers do not all produce the same batches
+            self.rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
+            self._owner_pid = os.getpid()
+        data = np.empty((self.batch_size, 1, *self.patch_size), dtype=np.float32)
+        for b in range(self.batch_size):
+            crop = crop_or_pad(self._sample_volume(), self.crop_size, self.rng)
+            if self.transforms is not None:
+                image = torch.from_numpy(crop)
+                seg = torch.zeros((1, *crop.shape[1:]), dtype=torch.int16)
+                crop = self.transforms(image=image, segmentation=seg)["image"].numpy()
+            data[b] = crop
+        return {"data": data}

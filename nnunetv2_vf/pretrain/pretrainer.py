@@ -1,0 +1,464 @@
+"""Volume Fusion pretraining loop (iteration based, single process or torch DDP via ``torchrun``).
+
+Pieces reused from nnU-Net / batchgenerators: preprocessing (see ``dataset.py``), the per-sample training
+transforms, ``DC_and_CE_loss`` (do_bg=True, 5 fusion classes) with ``DeepSupervisionWrapper``, the batchgenerators
+augmenters, ``get_network_from_plans`` for the ``plans`` network option. The paper's optimiser: Adam lr 1e-3,
+weight decay 1e-5, lr halved every ``lr_step`` iterations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
+                                          crop_or_pad, find_images)
+from nnunetv2_vf.pretrain.volume_fusion import NUM_FUSION_CLASSES, VolumeFusionTransform, volume_fusion
+
+__all__ = ["PretrainConfig", "VFPretrainer", "build_network", "deep_supervision_scales", "PAPER_FEATURES",
+           "ADAPTATION_PLAN_FORMAT"]
+
+PAPER_FEATURES = (24, 48, 128, 256, 512)
+PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
+ADAPTATION_PLAN_FORMAT = "nnunetv2_vf.adaptation_plan/1"
+
+
+@dataclass
+class PretrainConfig:
+    inputs: list
+    output_dir: str
+    iterations: int = 100_000
+    batch_size: int = 4
+    patch_size: Optional[list] = None           # default: 64x128x128 for PCT-Net, the plans' patch for 'plans'
+    variant: str = "paper"
+    normalization: str = "CT"
+    spacing: Optional[list] = None
+    network: str = "pctnet"                      # 'pctnet' or 'plans'
+    features: list = field(default_factory=lambda: list(PAPER_FEATURES))
+    resolution_mode: int = 1
+    plans_file: Optional[str] = None
+    plans_configuration: str = "3d_fullres"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_step: int = 20_000
+    grad_clip: float = 12.0
+    device: str = "cuda"
+    num_workers: int = 4
+    val_every: int = 1000
+    save_every: Optional[int] = None            # default: val_every
+    val_samples: int = 8
+    augment: bool = True
+    seed: int = 12345
+    cache_dir: Optional[str] = None              # default: OUTPUT_DIR/cache
+
+
+def deep_supervision_scales(strides) -> list[list[float]]:
+    """nnU-Net's ``_get_deep_supervision_scales`` for an architecture's strides."""
+    return [list(map(float, s)) for s in 1 / np.cumprod(np.vstack(strides), axis=0)][:-1]
+
+
+def build_network(cfg: PretrainConfig) -> tuple[nn.Module, dict, list[int]]:
+    """(network with deep supervision, nnU-Net ``architecture`` dict, patch size)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    if cfg.network == "pctnet":
+        from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
+        patch = fit_patch_size(cfg.patch_size or (64, 128, 128), cfg.resolution_mode)
+        arch = {"network_class_name": PCTNET_CLASS_NAME,
+                "arch_kwargs": {"features_per_stage": [int(f) for f in cfg.features],
+                                "resolution_mode": int(cfg.resolution_mode),
+                                "strides": pctnet_strides(cfg.resolution_mode)},
+                "_kw_requires_import": []}
+    elif cfg.network == "plans":
+        if not cfg.plans_file or not os.path.isfile(cfg.plans_file):
+            raise FileNotFoundError(f"--network plans needs --plans PATH/TO/nnUNetPlans.json (got {cfg.plans_file!r})")
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        conf = PlansManager(cfg.plans_file).get_configuration(cfg.plans_configuration)
+        if len(conf.patch_size) != 3:
+            raise ValueError(f"configuration {cfg.plans_configuration!r} of {cfg.plans_file} is 2D; Volume Fusion "
+                             f"pretraining needs a 3D configuration (3d_fullres)")
+        arch = {"network_class_name": conf.network_arch_class_name, "arch_kwargs": dict(conf.network_arch_init_kwargs),
+                "_kw_requires_import": list(conf.network_arch_init_kwargs_req_import)}
+        patch = [int(p) for p in (cfg.patch_size or conf.patch_size)]
+        div = np.prod(np.vstack(arch["arch_kwargs"]["strides"]), axis=0)
+        if any(p % d for p, d in zip(patch, div)):
+            raise ValueError(f"patch {patch} is not divisible by the plans network's total stride {div.tolist()}")
+    else:
+        raise ValueError(f"--network must be 'pctnet' or 'plans', got {cfg.network!r}")
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                 1, NUM_FUSION_CLASSES, allow_init=True, deep_supervision=True)
+    return net, arch, patch
+
+
+def _rank_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _dice_stats(logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Per-class (tp, fp, fn) of the hard prediction, shape [classes, 3]."""
+    pred = logits.argmax(1)
+    tgt = target[:, 0].long()
+    out = np.zeros((NUM_FUSION_CLASSES, 3))
+    for c in range(NUM_FUSION_CLASSES):
+        p, t = pred == c, tgt == c
+        out[c] = [(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
+    return out
+
+
+class VFPretrainer:
+    """Runs Volume Fusion pretraining as configured; ``run()`` trains and writes the export files."""
+
+    def __init__(self, cfg: PretrainConfig, resume: bool = False):
+        self.rank, self.local_rank, self.world_size = _rank_info()
+        self.is_ddp = self.world_size > 1
+        self.output_dir = Path(cfg.output_dir)
+        self.latest = self.output_dir / "checkpoint_latest.pth"
+        saved = None
+        if resume:
+            if not self.latest.is_file():
+                raise FileNotFoundError(f"--continue: no {self.latest} to resume from; start without --continue")
+            saved = torch.load(self.latest, map_location="cpu", weights_only=False)
+            # the run's identity (data, network, preprocessing) comes from the checkpoint; only the schedule
+            # length and the execution settings may change on resume
+            keep = {k: getattr(cfg, k) for k in ("iterations", "device", "num_workers", "val_every", "save_every")}
+            cfg = PretrainConfig(**{**saved["config"], **keep})
+        self.cfg = cfg
+        if cfg.variant == "paper" and cfg.batch_size < 2:
+            raise ValueError("the 'paper' Volume Fusion variant fuses samples of a batch: use --batch-size >= 2 "
+                             "or --variant grid")
+        self.device = self._setup_device()
+        self.saved = saved
+
+    # ------------------------------------------------------------------ setup
+    def _setup_device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+        if self.is_ddp and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+        if want == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def log(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {msg}"
+        from tqdm import tqdm
+        tqdm.write(line)
+        with open(self.output_dir / "training_log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        files = check_volume_headers(find_images(cfg.inputs))
+        self.preprocessing = Preprocessing(cfg.normalization, cfg.spacing)
+        self.cache = VolumeCache(files, cfg.cache_dir or self.output_dir / "cache", self.preprocessing)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.network, self.architecture, self.patch_size = build_network(cfg)
+        # nnU-Net's transforms draw from the global generators: seed them per rank for reproducible runs
+        random.seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.network.to(self.device)
+        strides = self.architecture["arch_kwargs"]["strides"]
+        self.ds_scales = deep_supervision_scales(strides)
+        self.loss = self._build_loss()
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=0.5)
+        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
+        self.model = (nn.parallel.DistributedDataParallel(self.network, device_ids=[self.local_rank]
+                                                          if self.device.type == "cuda" else None)
+                      if self.is_ddp else self.network)
+        # DistributedSampler-like sharding of the volume index
+        shard = list(range(self.rank, len(self.cache), self.world_size))
+        self.loader = VFPretrainDataLoader(self.cache, shard, self.patch_size, cfg.batch_size, augment=cfg.augment,
+                                           seed=cfg.seed + 1000 * self.rank)
+        self.vf_transform = VolumeFusionTransform(cfg.variant, seed=cfg.seed + 1000 * self.rank + 1,
+                                                  deep_supervision_scales=self.ds_scales)
+        self.iteration = 0
+        self.logs = {"iteration": [], "train_loss": [], "val_loss": [], "val_dice": [], "lr": [], "sec_per_it": []}
+
+    def _build_loss(self):
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        self.base_loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": True, "ddp": self.is_ddp}, {},
+                                        weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+        weights = np.array([1 / (2 ** i) for i in range(len(self.ds_scales))])
+        weights[-1] = 1e-6 if self.is_ddp else 0  # as nnU-Net: DDP rejects parameters without gradient
+        return DeepSupervisionWrapper(self.base_loss, weights / weights.sum())
+
+    def _augmenter(self):
+        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+        if self.cfg.num_workers <= 0:
+            return SingleThreadedAugmenter(self.loader, self.vf_transform)
+        seeds = [self.cfg.seed + 1000 * self.rank + 7 + i + self.iteration for i in range(self.cfg.num_workers)]
+        return MultiThreadedAugmenter(self.loader, self.vf_transform, self.cfg.num_workers, num_cached_per_queue=2,
+                                      seeds=seeds, pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ validation set
+    def _validation_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fused validation crops generated once (fixed seed) and saved, so the metric is comparable over time."""
+        path = self.output_dir / "validation_set.npz"
+        if self.rank == 0 and not path.is_file():
+            rng = np.random.default_rng(self.cfg.seed + 99)
+            order = rng.permutation(len(self.cache))
+            readable = []
+            for i in order:
+                if self.cache.load(int(i)) is not None:
+                    readable.append(int(i))
+                if len(readable) == self.cfg.val_samples:
+                    break
+            if not readable:
+                raise RuntimeError("no input volume could be read; see the warnings above")
+            # fewer volumes than samples: several crops of the same volumes
+            crops = [crop_or_pad(self.cache.load(readable[k % len(readable)]), self.patch_size, rng)
+                     for k in range(max(2, self.cfg.val_samples))]
+            fused, labels = volume_fusion(np.stack(crops), rng, self.cfg.variant)
+            tmp = path.with_name("validation_set.tmp.npz")
+            np.savez(tmp, data=fused, target=labels)
+            os.replace(tmp, path)
+        if self.is_ddp:
+            dist.barrier()
+        with np.load(path) as f:
+            return f["data"], f["target"]
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        self.network.eval()
+        stats, losses = np.zeros((NUM_FUSION_CLASSES, 3)), []
+        bs = self.cfg.batch_size
+        for s in range(0, len(self.val_data), bs):
+            x = torch.from_numpy(self.val_data[s:s + bs]).to(self.device)
+            y = torch.from_numpy(self.val_target[s:s + bs].astype(np.int64)).to(self.device)
+            with self._autocast():
+                out = self.network(x)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                if self.is_ddp:  # the loss' batch dice would all-gather across ranks; only rank 0 validates
+                    self.base_loss.dc.ddp = False
+                losses.append(self.base_loss(out, y).item())
+                self.base_loss.dc.ddp = self.is_ddp
+            stats += _dice_stats(out.float(), y)
+        self.network.train()
+        tp, fp, fn = stats.T
+        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+        return float(np.mean(losses)), float(np.nanmean(dice))
+
+    def _autocast(self):
+        from contextlib import nullcontext
+        return torch.autocast("cuda", enabled=True) if self.device.type == "cuda" else nullcontext()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict:
+        vf_rng = self.vf_transform._rng
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "loader": self.loader.rng.bit_generator.state,
+                "vf": None if vf_rng is None else vf_rng.bit_generator.state}
+
+    def _set_rng_state(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.loader.rng.bit_generator.state = state["loader"]
+        if state.get("vf") is not None:
+            rng = self.vf_transform.rng  # creates the per-process generator, then overwrite its state
+            rng.bit_generator.state = state["vf"]
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        ckpt = {"network_weights": self.network.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+                "scheduler_state": self.scheduler.state_dict(),
+                "grad_scaler_state": None if self.scaler is None else self.scaler.state_dict(),
+                "iteration": self.iteration, "logs": self.logs, "rng_state": self._rng_state(),
+                "config": asdict(self.cfg), "architecture": self.architecture}
+        tmp = self.latest.with_suffix(".pth.tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.latest)
+
+    def _load_checkpoint(self, ckpt: dict) -> None:
+        self.network.load_state_dict(ckpt["network_weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        if self.scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.iteration = int(ckpt["iteration"])
+        self.logs = ckpt["logs"]
+        if self.rank == 0:  # other ranks continue with fresh streams derived from the seed
+            self._set_rng_state(ckpt["rng_state"])
+        else:
+            self.loader.rng = np.random.default_rng([self.cfg.seed, self.rank, self.iteration])
+
+    def adaptation_plan(self) -> dict:
+        """What fine-tuning needs to reproduce pretraining; shaped like nnssl/nnU-Net master's adaptation plan."""
+        p = self.preprocessing
+        arch = self.architecture
+        return {
+            "format": ADAPTATION_PLAN_FORMAT,
+            "trainer_name": "nnUNetv2_vf_pretrain",
+            "architecture_plans": {"arch_class_name": arch["network_class_name"], "arch_kwargs": arch["arch_kwargs"],
+                                   "arch_kwargs_requiring_import": arch["_kw_requires_import"]},
+            "pretrain_num_input_channels": 1,
+            "recommended_downstream_patchsize": list(self.patch_size),
+            "key_to_encoder": "encoder", "key_to_stem": "stem",
+            "keys_to_in_proj": ["stem.proj"] if self.cfg.network == "pctnet" else ["encoder.stages.0.0.convs.0.conv"],
+            "patch_size": list(self.patch_size),
+            "preprocessing": {"spacing": p.spacing, "normalization": p.normalization,
+                              "nnunet_normalization_scheme": p.nnunet_scheme(),
+                              "intensity_properties": p.ct_intensity_properties if p.normalization == "CT" else None,
+                              "ct_window": p.ct_window if p.normalization == "CT" else None,
+                              "resampling": "nnunetv2 resample_data_or_seg_to_shape, order 3, order_z 0, "
+                                            "separate z for anisotropic spacing"},
+            "volume_fusion": {"variant": self.cfg.variant, "num_classes": NUM_FUSION_CLASSES},
+            "optimizer": {"name": "Adam", "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
+                          "lr_halved_every": self.cfg.lr_step, "batch_size": self.cfg.batch_size,
+                          "world_size": self.world_size},
+            "iterations": self.iteration,
+            "num_pretraining_images": len(self.cache),
+        }
+
+    def _write_json(self, name: str, obj: dict) -> None:
+        tmp = self.output_dir / f"{name}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, self.output_dir / name)
+
+    def export_final(self) -> None:
+        if self.rank != 0:
+            return
+        final = {"network_weights": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+                 "trainer_name": "nnUNetv2_vf_pretrain", "current_epoch": int(self.iteration),
+                 "iteration": int(self.iteration), "architecture": json.loads(json.dumps(self.architecture))}
+        tmp = self.output_dir / "checkpoint_final.pth.tmp"
+        torch.save(final, tmp)
+        os.replace(tmp, self.output_dir / "checkpoint_final.pth")
+        self._write_json("adaptation_plan.json", self.adaptation_plan())
+
+    # ------------------------------------------------------------------ plotting
+    def plot_progress(self) -> None:
+        if self.rank != 0 or not self.logs["iteration"]:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        it = self.logs["iteration"]
+        fig, axes = plt.subplots(3, 1, figsize=(10, 12))
+        ax = axes[0]
+        ax.plot(it, self.logs["train_loss"], "b-", label="train loss")
+        ax.plot(it, self.logs["val_loss"], "r-", label="val loss")
+        ax.set_xlabel("iteration"), ax.set_ylabel("loss")
+        ax2 = ax.twinx()
+        ax2.plot(it, self.logs["val_dice"], "g--", label="val mean Dice (5 fusion classes)")
+        ax2.set_ylabel("mean Dice")
+        ax.legend(loc="upper left"), ax2.legend(loc="upper right")
+        axes[1].plot(it, self.logs["sec_per_it"], "b-", label="seconds / iteration")
+        axes[1].legend(loc="upper left")
+        axes[2].plot(it, self.logs["lr"], "b-", label="learning rate")
+        axes[2].legend(loc="upper left")
+        for a in axes[1:]:
+            a.set_xlabel("iteration")
+        fig.tight_layout()
+        tmp = self.output_dir / "progress.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.output_dir / "progress.png")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_ddp:
+            dist.barrier()
+        self._build()
+        if self.saved is not None:
+            self._load_checkpoint(self.saved)
+            self.log(f"resumed from {self.latest} at iteration {self.iteration}")
+        if self.rank == 0:
+            self._write_json("config.json", asdict(cfg))
+            self._write_json("adaptation_plan.json", self.adaptation_plan())
+        self.val_data, self.val_target = self._validation_set()
+        nparams = sum(p.numel() for p in self.network.parameters())
+        self.log(f"Volume Fusion pretraining ({cfg.variant}) of {self.architecture['network_class_name']} "
+                 f"({nparams / 1e6:.2f} M parameters) on {len(self.cache)} volumes, patch {self.patch_size}, batch "
+                 f"{cfg.batch_size} x {self.world_size} process(es), device {self.device}")
+        save_every = cfg.save_every or cfg.val_every
+        augmenter = self._augmenter() if self.iteration < cfg.iterations else None
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=self.rank != 0, desc="VF pretraining",
+                   dynamic_ncols=True)
+        interval_losses, t0 = [], time.time()
+        self.network.train()
+        try:
+            while self.iteration < cfg.iterations:
+                batch = next(augmenter)
+                x = torch.as_tensor(batch["data"]).to(self.device, non_blocking=True)
+                y = [torch.as_tensor(t.astype(np.int64) if isinstance(t, np.ndarray) else t).to(self.device)
+                     for t in batch["target"]]
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss = self.loss(self.model(x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at iteration {self.iteration}; lower --lr or check "
+                                             f"the input intensities (normalisation {cfg.normalization})")
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.network.parameters(), cfg.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(self.network.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.iteration += 1
+                interval_losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                done = self.iteration >= cfg.iterations
+                if self.iteration % cfg.val_every == 0 or done:
+                    self._end_interval(interval_losses, t0)
+                    interval_losses, t0 = [], time.time()
+                if self.iteration % save_every == 0 or done:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if augmenter is not None and hasattr(augmenter, "_finish"):
+                augmenter._finish()
+        self.export_final()
+        if self.is_ddp:
+            dist.barrier()
+        return {"iteration": self.iteration, "logs": self.logs}
+
+    def _end_interval(self, losses: list, t0: float) -> None:
+        if self.rank == 0:
+            val_loss, val_dice = self.validate()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.logs["iteration"].append(self.iteration)
+            self.logs["train_loss"].append(float(np.mean(losses)))
+            self.logs["val_loss"].append(val_loss)
+            self.logs["val_dice"].append(val_dice)
+            self.logs["lr"].append(lr)
+            self.logs["sec_per_it"].append((time.time() - t0) / max(1, len(losses)))
+            self.log(f"iteration {self.iteration}/{self.cfg.iterations}: train loss {np.mean(losses):.4f}, "
+                     f"val loss {val_loss:.4f}, val mean Dice {val_dice:.4f}, lr {lr:.2e}, "
+                     f"{self.logs['sec_per_it'][-1]:.2f} s/it")
+            self.plot_progress()
+        if self.is_ddp:
+            dist.barrier()
