@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = {
-    # small PCT-Net, hippocampus MRI (35x50x36 voxels), 10 epochs x 25 iterations of fine-tuning
+    # small PCT-Net, hippocampus MRI (35x50x36 voxels), 10 epochs x 15 iterations of fine-tuning
     "cpu": dict(dataset="Dataset004_Hippocampus", budgets=[4, 8, 16], repeats=2, val_cases=20,
                 pretrain_iterations=300, pretrain_patch=[16, 32, 32], pretrain_batch=2,
                 features=[8, 16, 32, 64, 128], trainer="VFPretrainedTrainer_small_10epochs", device="cpu",

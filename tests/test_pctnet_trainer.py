@@ -54,3 +54,18 @@ def test_warmup_then_poly_schedule():
     assert lrs[:4] == sorted(lrs[:4]) and lrs[3] < 1e-3
     assert lrs[4] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 1e-4
+
+
+def test_budget_variants_set_nnunet_counts_and_keep_init_kwargs(plans, hippo_dataset, monkeypatch, tmp_path):
+    from nnunetv2_vf.trainers import PCTNetTrainer_small_2epochs, VFPretrainedTrainer_small_3epochs
+    monkeypatch.setenv("nnUNet_preprocessed", hippo_dataset["env"]["nnUNet_preprocessed"])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    with open(f"{hippo_dataset['env']['nnUNet_preprocessed']}/{hippo_dataset['name']}/dataset.json") as f:
+        dataset_json = json.load(f)
+    for cls, budget in ((PCTNetTrainer_small_2epochs, (2, 4, 2)), (VFPretrainedTrainer_small_3epochs, (3, 25, 5))):
+        # nnU-Net 2.8's get_trainer_from_args adds 'continue_training' to the plans; __init__ pops it
+        trainer = cls({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == budget
+        # nnU-Net stores these to rebuild the trainer (checkpoints, DDP workers): the mixin must not hide them
+        assert set(trainer.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
+        assert trainer.my_init_kwargs["plans"]["configurations"]["3d_fullres"]["patch_size"] == [40, 64, 48]

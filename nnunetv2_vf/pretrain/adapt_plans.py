@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.pretrain.dataset import Preprocessing
 
 __all__ = ["load_adaptation_plan", "adapted_plans", "adapt_plans", "convert_misfm_checkpoint",
@@ -54,11 +55,7 @@ def adapted_plans(plans: dict, plan: dict, configuration: str, plans_name: str,
                                       else f"{plans_name}_{ident}")
     plans["plans_name"] = plans_name
     cfg = configurations[configuration]
-    effective = dict(cfg)
-    parent = cfg.get("inherits_from")
-    while parent is not None:
-        effective = {**configurations[parent], **effective}
-        parent = configurations[parent].get("inherits_from")
+    effective = effective_configuration(plans, configuration)
     if len(effective["patch_size"]) != 3:
         raise ValueError(f"configuration {configuration!r} is 2D; Volume Fusion weights are 3D: use 3d_fullres")
 

@@ -29,6 +29,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
+from nnunetv2_vf.plans import effective_configuration
+from nnunetv2_vf.trainers.training_budget import TrainingBudget
 
 __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
            "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
@@ -45,18 +47,6 @@ ARCH_MODULE = "nnunetv2_vf.architectures.encoder_unet"
 PROVENANCE_KEY = "encoder_init"
 
 
-def _effective_configuration(plans: dict, configuration: str) -> dict:
-    configurations = plans["configurations"]
-    if configuration not in configurations:
-        raise KeyError(f"configuration {configuration!r} not in the plans (have {sorted(configurations)})")
-    effective = dict(configurations[configuration])
-    parent = effective.get("inherits_from")
-    while parent is not None:
-        effective = {**configurations[parent], **effective}
-        parent = configurations[parent].get("inherits_from")
-    return effective
-
-
 def with_encoder_unet_architecture(plans: dict, configuration: str, network: str, encoder_name: str,
                                    encoder_weights: str | None, batch_size: int | None = None,
                                    patch_size=None, **arch_kwargs) -> dict:
@@ -67,7 +57,7 @@ def with_encoder_unet_architecture(plans: dict, configuration: str, network: str
     ``configurations[c]['encoder_init']`` for provenance.
     """
     plans = copy.deepcopy(plans)
-    effective = _effective_configuration(plans, configuration)
+    effective = effective_configuration(plans, configuration)
     cfg = plans["configurations"][configuration]
     if patch_size is not None:
         cfg["patch_size"] = [int(p) for p in patch_size]
@@ -156,7 +146,7 @@ class _EncoderUNetTrainerBase(nnUNetTrainer):
         self.weight_decay = 1e-4
 
     def _planned(self, plans: dict, configuration: str, key: str):
-        arch = _effective_configuration(plans, configuration).get("architecture", {})
+        arch = effective_configuration(plans, configuration).get("architecture", {})
         if arch.get("network_class_name") == f"{ARCH_MODULE}.{self.network_name}":
             return arch["arch_kwargs"].get(key)
         return None
@@ -253,7 +243,7 @@ class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
                              f"{self.plans_manager.dataset_name}: {fix}.")
         src_arch = {}
         if src_cfg is not None and src_plans:
-            src_arch = _effective_configuration(src_plans, src_cfg).get("architecture", {})
+            src_arch = effective_configuration(src_plans, src_cfg).get("architecture", {})
             if src_arch.get("network_class_name") != f"{ARCH_MODULE}.EncoderUNet2D":
                 raise ValueError(f"{fname} holds a {src_arch.get('network_class_name')} ({src_cfg}), not an "
                                  f"EncoderUNet2D: {fix}.")
@@ -341,16 +331,11 @@ class DepthStackUNetTrainer(_EncoderUNetTrainerBase):
         _unwrap(self.network).decoder.deep_supervision = False
 
 
-class _Tiny:
+class _Tiny(TrainingBudget):
     """CPU-sized variant: 2 epochs of 4 iterations, 2 validation iterations, no mirroring (as
     nnUNetTrainerNoMirroring: validation/prediction without test-time mirroring is 4-8x faster on CPU)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 2
+    budget = (2, 4, 2)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -371,14 +356,8 @@ class DepthStackUNetTrainer_2epochs(_Tiny, DepthStackUNetTrainer):
     cpu_batch_size = 2
 
 
-class EncoderUNet2DTrainer_5epochs(EncoderUNet2DTrainer):
+class EncoderUNet2DTrainer_5epochs(TrainingBudget, EncoderUNet2DTrainer):
     """CPU-sized comparison budget (benchmarks/imagenet_init_accuracy.py): 5 epochs x 10 iterations, batch 16."""
 
     cpu_batch_size = 16
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 2
+    budget = (5, 10, 2)

@@ -15,6 +15,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
+from nnunetv2_vf.plans import effective_configuration
+from nnunetv2_vf.trainers.training_budget import TrainingBudget
 
 __all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
            "PCTNET_CLASS_NAME", "with_pctnet_architecture", "WarmupPolyLRScheduler"]
@@ -31,16 +33,8 @@ def with_pctnet_architecture(plans: dict, configuration: str, features=PAPER_FEA
     keeps its architecture kwargs; only the patch is checked.
     """
     plans = copy.deepcopy(plans)
-    configurations = plans["configurations"]
-    if configuration not in configurations:
-        raise KeyError(f"configuration {configuration!r} not in the plans (have {sorted(configurations)})")
-    cfg = configurations[configuration]
-    # resolve 'inherits_from' so that we read the effective values
-    effective = dict(cfg)
-    parent = cfg.get("inherits_from")
-    while parent is not None:
-        effective = {**configurations[parent], **effective}
-        parent = configurations[parent].get("inherits_from")
+    effective = effective_configuration(plans, configuration)
+    cfg = plans["configurations"][configuration]
     if len(effective["patch_size"]) != 3:
         raise ValueError(f"PCT-Net is a 3D network; configuration {configuration!r} is "
                          f"{len(effective['patch_size'])}D. Train 3d_fullres (or 3d_lowres) with the PCT-Net "
@@ -126,23 +120,13 @@ class PCTNetTrainer_small(PCTNetTrainer):
     pctnet_features = (8, 16, 32, 64, 128)
 
 
-class PCTNetTrainer_small_2epochs(PCTNetTrainer_small):
+class PCTNetTrainer_small_2epochs(TrainingBudget, PCTNetTrainer_small):
     """Smoke-test size: 2 epochs x 4 iterations."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 2
+    budget = (2, 4, 2)
 
 
-class PCTNetTrainer_small_10epochs(PCTNetTrainer_small):
-    """Demo size: 10 epochs x 25 iterations (a few minutes on 2 CPU cores for hippocampus)."""
+class PCTNetTrainer_small_10epochs(TrainingBudget, PCTNetTrainer_small):
+    """Demo size: 10 epochs x 15 iterations (about two minutes on 2 CPU cores for hippocampus, 32x48x32 patch)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+    budget = (10, 15, 3)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer
+from nnunetv2_vf.trainers.training_budget import TrainingBudget
 
 __all__ = ["VFPretrainedTrainer", "VFPretrainedTrainer_small_2epochs", "VFPretrainedTrainer_small_10epochs",
            "VFPretrainedTrainer_small_3epochs",
@@ -96,45 +97,27 @@ class VFPretrainedTrainer(PCTNetTrainer):
                                    f"final classifiers) will be loaded")
 
 
-class VFPretrainedTrainer_small_2epochs(VFPretrainedTrainer):
+class VFPretrainedTrainer_small_2epochs(TrainingBudget, VFPretrainedTrainer):
     """Smoke-test size: 2 epochs x 4 iterations, small PCT-Net when the plans carry none."""
 
     pctnet_features = (8, 16, 32, 64, 128)
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 2
+    budget = (2, 4, 2)
 
 
-class VFPretrainedTrainer_small_10epochs(VFPretrainedTrainer):
-    """CPU benchmark size: 10 epochs x 25 iterations, small PCT-Net when the plans carry none."""
+class VFPretrainedTrainer_small_10epochs(TrainingBudget, VFPretrainedTrainer):
+    """CPU demo and benchmark size: 10 epochs x 15 iterations, small PCT-Net when the plans carry none."""
 
     pctnet_features = (8, 16, 32, 64, 128)
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-
-
-class VFPretrainedTrainer_100epochs(VFPretrainedTrainer):
-    """GPU benchmark size: 100 epochs x 250 iterations (paper PCT-Net unless the plans carry another)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 100
+    budget = (10, 15, 3)
 
 
 class VFPretrainedTrainer_small_3epochs(VFPretrainedTrainer_small_10epochs):
     """Shortest benchmark size: 3 epochs x 25 iterations (early convergence is where VF helps most)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
+    budget = (3, 25, 5)
+
+
+class VFPretrainedTrainer_100epochs(TrainingBudget, VFPretrainedTrainer):
+    """GPU benchmark size: 100 epochs x 250 iterations (paper PCT-Net unless the plans carry another)."""
+
+    budget = (100, 250, 50)
