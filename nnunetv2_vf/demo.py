@@ -1,8 +1,8 @@
 """The built-in demo: PCT-Net through nnU-Net on 40 bundled real hippocampus MRI cases, with and without Volume
 Fusion pretraining, ending with a Dice table and overlay pictures.
 
-    nnUNetv2_vf_demo                    # default: ~10-15 min on 2 CPU cores
-    nnUNetv2_vf_demo --quick            # smoke run (~3 min)
+    nnUNetv2_vf_demo                    # default: about 10 min on 2 CPU cores
+    nnUNetv2_vf_demo --quick            # smoke run (about 3 min)
     nnUNetv2_vf_demo --device cuda      # same on a GPU
 
 Every step is a real nnU-Net / plugin console script, printed before it runs, so the demo doubles as a recipe.

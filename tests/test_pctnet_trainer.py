@@ -56,7 +56,7 @@ def test_warmup_then_poly_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 1e-4
 
 
-def test_budget_variants_set_nnunet_counts_and_keep_init_kwargs(plans, hippo_dataset, monkeypatch, tmp_path):
+def test_cpu_variants_set_budget_and_no_mirroring_and_keep_init_kwargs(plans, hippo_dataset, monkeypatch, tmp_path):
     from nnunetv2_vf.trainers import PCTNetTrainer_small_2epochs, VFPretrainedTrainer_small_3epochs
     monkeypatch.setenv("nnUNet_preprocessed", hippo_dataset["env"]["nnUNet_preprocessed"])
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
@@ -69,3 +69,6 @@ def test_budget_variants_set_nnunet_counts_and_keep_init_kwargs(plans, hippo_dat
         # nnU-Net stores these to rebuild the trainer (checkpoints, DDP workers): the mixin must not hide them
         assert set(trainer.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
         assert trainer.my_init_kwargs["plans"]["configurations"]["3d_fullres"]["patch_size"] == [40, 64, 48]
+        # CPU-sized variants switch mirroring off (augmentation and test time), as nnUNetTrainerNoMirroring
+        assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
+        assert trainer.inference_allowed_mirroring_axes is None

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_vf.architectures.inflate import inflate_2d_to_3d, inflate_state_dict, is_strided, module_input_levels
+
 __all__ = ["EncoderUNet2D", "EncoderUNet3D", "DepthStackUNet", "InstanceNormAct", "create_timm_encoder",
            "check_timm_encoder_name", "set_encoder_strides", "depth_reduction_plan"]
 
@@ -100,38 +102,6 @@ def _conv_block(in_ch: int, out_ch: int, norm: str, stride: Sequence[int] | None
     return nn.Sequential(_CONV[dim](in_ch, out_ch, kernel, stride=stride, padding=tuple(k // 2 for k in kernel),
                                     bias=False),
                          _norm(norm, out_ch, dim), nn.ReLU(inplace=True))
-
-
-def strided_module_levels(encoder: nn.Module, in_chans: int, probe_size: int = 64) -> dict[str, int]:
-    """Resolution level (0 = encoder input, k = after k stride-2 steps) at which every conv/pool module runs.
-
-    Found from the input resolution of each module in a probe forward pass, which works for any timm family whose
-    stages each halve the resolution once.  Keys are module names (unchanged by inflation).
-    """
-    levels: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(module, args):
-            levels.setdefault(name, int(round(math.log2(probe_size / args[0].shape[-1]))))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in encoder.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            encoder(torch.zeros(1, in_chans, probe_size, probe_size))
-    finally:
-        encoder.train(was_training)
-        for h in hooks:
-            h.remove()
-    return levels
-
-
-def _is_strided(m: nn.Module) -> bool:
-    stride = m.stride if isinstance(m.stride, tuple) else (m.stride,)
-    return any(s != 1 for s in stride)
 
 
 def set_encoder_strides(encoder: nn.Module, strided_levels: dict[str, int], strides: Sequence[Sequence[int]]) -> None:
@@ -217,9 +187,9 @@ class _EncoderUNet(nn.Module):
         self.stem = _conv_block(input_channels, stem_channels, norm, kernel=kernel_sizes[0], dim=dim)
         enc_in = input_channels if input_adaptation == "timm" else stem_channels
         encoder = create_timm_encoder(encoder_name, enc_in, n_enc, drop_path_rate)
-        levels = strided_module_levels(encoder, enc_in)
+        levels = module_input_levels(encoder, enc_in)
         modules = dict(encoder.named_modules())
-        strided = {n: lvl for n, lvl in levels.items() if _is_strided(modules[n])}
+        strided = {n: lvl for n, lvl in levels.items() if is_strided(modules[n])}
         set_encoder_strides(encoder, strided, [s[-2:] for s in strides])
         if norm == "instance":
             _replace_batch_norms(encoder)
@@ -329,7 +299,6 @@ class EncoderUNet3D(_EncoderUNet):
                     stem_channels, decoder_channels, drop_path_rate, deep_supervision)
 
     def _to_dim(self, encoder: nn.Module, levels: dict[str, int], strided: dict[str, int]) -> nn.Module:
-        from nnunetv2_vf.architectures.inflate import inflate_2d_to_3d
 
         encoder3d = inflate_2d_to_3d(encoder, mode=self.inflation)
         set_encoder_strides(encoder3d, strided, self.strides)
@@ -353,7 +322,6 @@ class EncoderUNet3D(_EncoderUNet):
         Transposed convs (decoder upsampling, kernel = stride) are repeated along depth without scaling: each output
         slice receives exactly one input slice, so this keeps depth-constant inputs exact.
         """
-        from nnunetv2_vf.architectures.inflate import inflate_state_dict
 
         own = self.state_dict()
         source = {k: v for k, v in state_dict_2d.items() if only_prefix is None or k.startswith(only_prefix)}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["INFLATION_MODES", "inflate_conv_weight", "inflate_2d_to_3d", "inflate_state_dict", "stage_depth_strides",
+           "module_input_levels", "is_strided",
            "adapt_input_conv_weight", "LearnedStem", "BatchNormAct3d", "LayerNorm3d", "Conv3dSame",
            "DepthReplicatePadConv3d", "depth_receptive_radius"]
 
@@ -555,25 +556,24 @@ def inflate_2d_to_3d(module: nn.Module, mode: str = "i3d", depth_kernel: DepthSe
     return inflater.run(copy.deepcopy(module))
 
 
-def stage_depth_strides(model_2d: nn.Module, pool_depth: Sequence[bool], in_chans: int | None = None,
-                        probe_size: int = 64) -> dict[str, int]:
-    """``depth_stride`` dict from per-stage flags: ``pool_depth[k]`` says whether the k-th stride-2 step of the
-    network (counted from the input: k = 0 halves the input) also halves depth.
+def module_input_levels(model_2d: nn.Module, in_chans: int | None = None, probe_size: int = 64) -> dict[str, int]:
+    """Resolution level (0 = network input, k = after k stride-2 steps) at which every Conv2d/MaxPool2d/AvgPool2d
+    runs, keyed by module name (names survive inflation).
 
-    Found by a probe forward pass at ``probe_size`` (the input width at which each strided conv/pool runs tells its
-    step).  Steps beyond ``len(pool_depth)`` keep the default (isotropic) stride.
+    Found from each module's input width in a probe forward pass, so it holds for any timm family whose stages
+    each halve the resolution once, whatever the stage layout.
     """
     if in_chans is None:
         first = next((m for m in model_2d.modules() if isinstance(m, nn.Conv2d)), None)
         if first is None:
             raise ValueError("model has no Conv2d; pass in_chans")
         in_chans = first.in_channels
-    found: dict[str, int] = {}
+    levels: dict[str, int] = {}
     hooks = []
     for name, m in model_2d.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(_pair(m.stride or 1)) > 1:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             def hook(mod, args, name=name):
-                found.setdefault(name, int(round(math.log2(probe_size / args[0].shape[-1]))))
+                levels.setdefault(name, int(round(math.log2(probe_size / args[0].shape[-1]))))
             hooks.append(m.register_forward_pre_hook(hook))
     was_training = model_2d.training
     model_2d.eval()
@@ -584,6 +584,23 @@ def stage_depth_strides(model_2d: nn.Module, pool_depth: Sequence[bool], in_chan
         model_2d.train(was_training)
         for h in hooks:
             h.remove()
+    return levels
+
+
+def is_strided(m: nn.Module) -> bool:
+    return max(_pair(m.stride or 1)) > 1
+
+
+def stage_depth_strides(model_2d: nn.Module, pool_depth: Sequence[bool], in_chans: int | None = None,
+                        probe_size: int = 64) -> dict[str, int]:
+    """``depth_stride`` dict from per-stage flags: ``pool_depth[k]`` says whether the k-th stride-2 step of the
+    network (counted from the input: k = 0 halves the input) also halves depth.
+
+    Steps beyond ``len(pool_depth)`` keep the default (isotropic) stride.
+    """
+    modules = dict(model_2d.named_modules())
+    found = {name: step for name, step in module_input_levels(model_2d, in_chans, probe_size).items()
+             if is_strided(modules[name])}
     return {name: (2 if pool_depth[step] else 1) for name, step in found.items() if step < len(pool_depth)}
 
 

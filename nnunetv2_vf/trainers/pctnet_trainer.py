@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
 from nnunetv2_vf.plans import effective_configuration
-from nnunetv2_vf.trainers.training_budget import TrainingBudget
+from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
            "PCTNET_CLASS_NAME", "with_pctnet_architecture", "WarmupPolyLRScheduler"]
@@ -120,13 +120,14 @@ class PCTNetTrainer_small(PCTNetTrainer):
     pctnet_features = (8, 16, 32, 64, 128)
 
 
-class PCTNetTrainer_small_2epochs(TrainingBudget, PCTNetTrainer_small):
-    """Smoke-test size: 2 epochs x 4 iterations."""
+class PCTNetTrainer_small_2epochs(NoMirroring, TrainingBudget, PCTNetTrainer_small):
+    """Smoke-test size: 2 epochs x 4 iterations, no mirroring."""
 
     budget = (2, 4, 2)
 
 
-class PCTNetTrainer_small_10epochs(TrainingBudget, PCTNetTrainer_small):
-    """Demo size: 10 epochs x 15 iterations (about two minutes on 2 CPU cores for hippocampus, 32x48x32 patch)."""
+class PCTNetTrainer_small_10epochs(NoMirroring, TrainingBudget, PCTNetTrainer_small):
+    """Demo size: 10 epochs x 15 iterations, no mirroring (about three minutes on 2 CPU cores for hippocampus with
+    a 32x48x32 patch)."""
 
     budget = (10, 15, 3)

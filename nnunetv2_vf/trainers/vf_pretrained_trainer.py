@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer
-from nnunetv2_vf.trainers.training_budget import TrainingBudget
+from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["VFPretrainedTrainer", "VFPretrainedTrainer_small_2epochs", "VFPretrainedTrainer_small_10epochs",
            "VFPretrainedTrainer_small_3epochs",
@@ -97,15 +97,16 @@ class VFPretrainedTrainer(PCTNetTrainer):
                                    f"final classifiers) will be loaded")
 
 
-class VFPretrainedTrainer_small_2epochs(TrainingBudget, VFPretrainedTrainer):
-    """Smoke-test size: 2 epochs x 4 iterations, small PCT-Net when the plans carry none."""
+class VFPretrainedTrainer_small_2epochs(NoMirroring, TrainingBudget, VFPretrainedTrainer):
+    """Smoke-test size: 2 epochs x 4 iterations, no mirroring, small PCT-Net when the plans carry none."""
 
     pctnet_features = (8, 16, 32, 64, 128)
     budget = (2, 4, 2)
 
 
-class VFPretrainedTrainer_small_10epochs(TrainingBudget, VFPretrainedTrainer):
-    """CPU demo and benchmark size: 10 epochs x 15 iterations, small PCT-Net when the plans carry none."""
+class VFPretrainedTrainer_small_10epochs(NoMirroring, TrainingBudget, VFPretrainedTrainer):
+    """CPU demo and benchmark size: 10 epochs x 15 iterations, no mirroring, small PCT-Net when the plans carry
+    none (the same as PCTNetTrainer_small_10epochs, plus the fine-tuning warm-up)."""
 
     pctnet_features = (8, 16, 32, 64, 128)
     budget = (10, 15, 3)
