@@ -116,6 +116,7 @@ def main(argv=None) -> None:
     pictures = render_overlays(test_images, test_labels, predictions, out / "pictures")
     model_dirs = {name: Path(env["nnUNet_results"]) / DATASET_NAME / f"{tr}__{plans}__3d_fullres" / "fold_0"
                   for name, (tr, _, plans) in runs.items()}
+    model_dirs["vf_pretraining"] = out / "vf_pretraining"  # the pretraining stage's own progress plot
     for name, folder in model_dirs.items():
         if (folder / "progress.png").exists():
             shutil.copy2(folder / "progress.png", out / "pictures" / f"progress_{name}.png")
@@ -142,7 +143,7 @@ def _pretrain(args, env: dict, raw: Path, out: Path) -> dict:
     t = _step(f"pretrain: nnUNetv2_vf_pretrain on imagesTr ({iterations} iterations, Volume Fusion 'paper')")
     run_nnunet(["nnUNetv2_vf_pretrain", raw / "imagesTr", "-o", pretrain_dir, "--iterations", iterations,
                 "--batch-size", 2, "--patch-size", *PRETRAIN_PATCH, "--modality", "MR", "--features", *SMALL_FEATURES,
-                "--device", args.device, "--num-workers", 0, "--val-every", max(10, iterations // 3)], env)
+                "--device", args.device, "--num-workers", 0, "--val-every", max(10, iterations // 6)], env)
     print(f"[{time.time() - t:.0f} s]")
     t = _step("adapt plans: nnUNetv2_vf_adapt_plans + nnUNetv2_preprocess (same network and preprocessing)")
     run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", DATASET_ID, "-a", pretrain_dir / "adaptation_plan.json",
