@@ -12,7 +12,7 @@
 The baseline is the same PCT-Net trained from scratch in the same run; the printed ratio is pretrained / scratch.
 nnU-Net does not seed its runs: repeats differ by initialisation and sampling.
 
-    python benchmarks/pretraining_gain.py                                  # CPU default (about 1 h on 2 idle cores)
+    python benchmarks/pretraining_gain.py                                  # CPU default (42 min on 2 idle cores)
     python benchmarks/pretraining_gain.py --budgets 8 --repeats 1 --pretrain-iterations 150 \
         --trainer VFPretrainedTrainer_small_3epochs                      # smoke, ~10 min on an idle CPU
     python benchmarks/pretraining_gain.py --setting gpu --device cuda       # GPU setting (left atrium)
