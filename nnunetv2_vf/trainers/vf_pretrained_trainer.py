@@ -6,12 +6,12 @@ assertion per key. ``VFPretrainedTrainer.initialize`` checks the same file first
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import torch
 
+from nnunetv2_vf.checkpoint_io import read_weights_file
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
@@ -36,14 +36,8 @@ def pretrained_weights_from_argv(argv=None) -> Optional[str]:
 
 def check_pretrained_compatibility(network: torch.nn.Module, path: str) -> int:
     """Raise a ValueError naming every key nnU-Net's loader would reject; returns the number of tensors that load."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"-pretrained_weights {path}: file not found (nnUNetv2_vf_pretrain writes "
-                                f"OUTPUT_DIR/checkpoint_final.pth)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"-pretrained_weights {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt "
-                         f"or not a PyTorch checkpoint") from e
+    ckpt = read_weights_file(path, "-pretrained_weights", "nnUNetv2_vf_pretrain writes OUTPUT_DIR/checkpoint_final.pth",
+                             "give an intact nnUNetv2_vf_pretrain or nnU-Net checkpoint_final.pth", weights_only=False)
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt and "network_weights" not in ckpt:
         raise ValueError(f"-pretrained_weights {path} is in the MIS-FM authors' format (model_state_dict). Convert "
                          f"it first: nnUNetv2_vf_convert_misfm {path} converted.pth, then "
