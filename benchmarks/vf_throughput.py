@@ -30,19 +30,6 @@ def deep_supervision_scales(patch, levels: int = 4):
     return [[1.0 / 2 ** i] * len(patch) for i in range(levels)]
 
 
-def nnunet_augmentation(patch):
-    """nnU-Net 2.8's training transforms for a 3D ``patch`` and the initial (enlarged) crop size it samples."""
-    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    rotation = (-30. / 360 * 2. * np.pi, 30. / 360 * 2. * np.pi)  # nnU-Net's choice for isotropic 3D patches
-    initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
-    transforms = nnUNetTrainer.get_training_transforms(
-        patch, rotation, deep_supervision_scales(patch), mirror_axes=(0, 1, 2), do_dummy_2d_data_aug=False,
-        use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1], regions=None, ignore_label=None)
-    return transforms, tuple(int(i) for i in initial)
-
-
 def time_it(fn, repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -66,6 +53,7 @@ def main(argv=None):
     if batch_size < 2:
         parser.error("--batch must be >= 2 (the paper variant fuses two samples of a batch)")
 
+    from nnunetv2_vf.pretrain.dataset import nnunet_augmentation
     from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform
 
     torch.set_num_threads(args.threads)
@@ -73,7 +61,8 @@ def main(argv=None):
     torch.manual_seed(0)
     np.random.seed(0)
     rng = np.random.default_rng(0)
-    transforms, initial = nnunet_augmentation(patch)
+    # the baseline: nnU-Net's transforms including its deep-supervision label pyramid, as nnUNetTrainer builds them
+    transforms, initial = nnunet_augmentation(patch, deep_supervision_scales(patch))
     # smooth random volumes with a labelled blob, on nnU-Net's enlarged crop size (z-scored intensities)
     images = [torch.from_numpy(rng.normal(size=(1, *initial)).astype(np.float32)) for _ in range(batch_size)]
     seg = torch.zeros((1, *initial), dtype=torch.int16)

@@ -72,11 +72,11 @@ def check_volume_headers(files: Sequence[Path]) -> list[Path]:
             continue
         size = reader.GetSize()
         if reader.GetDimension() != 3 or min(size) < 1 or (reader.GetDimension() == 3 and size[2] == 1):
-            two_d.append(f)
+            two_d.append((f, size))
             continue
         good.append(f)
     if two_d:
-        msg = (f"{len(two_d)} image(s) are not 3D volumes (e.g. {two_d[0]}, size {_size(two_d[0])}); Volume Fusion "
+        msg = (f"{len(two_d)} image(s) are not 3D volumes (e.g. {two_d[0][0]}, size {two_d[0][1]}); Volume Fusion "
                f"pretraining needs 3D volumes: convert 2D slices/series to 3D images or remove them")
         if not good:
             raise ValueError(msg)
@@ -85,13 +85,6 @@ def check_volume_headers(files: Sequence[Path]) -> list[Path]:
         raise ValueError(f"none of the {len(files)} input image(s) could be read (first: {files[0] if files else '-'})"
                          f"; check the files are SimpleITK-readable images ({', '.join(IMAGE_EXTENSIONS)})")
     return good
-
-
-def _size(f: Path):
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(f))
-    reader.ReadImageInformation()
-    return reader.GetSize()
 
 
 @dataclass
@@ -240,9 +233,10 @@ def crop_or_pad(volume: np.ndarray, patch_size: Sequence[int], rng: np.random.Ge
     return out
 
 
-def nnunet_augmentation(patch_size: Sequence[int]):
+def nnunet_augmentation(patch_size: Sequence[int], deep_supervision_scales: Optional[list] = None):
     """nnU-Net's own per-sample training transforms (rotation, scaling, noise, blur, brightness, contrast,
-    low-resolution simulation, gamma, mirroring) and the larger crop size its spatial transform expects."""
+    low-resolution simulation, gamma, mirroring; with ``deep_supervision_scales`` also its label pyramid) and the
+    larger crop size its spatial transform expects, chosen as ``nnUNetTrainer`` does for a 3D patch."""
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.configuration import ANISO_THRESHOLD
@@ -253,7 +247,8 @@ def nnunet_augmentation(patch_size: Sequence[int]):
     initial = [int(i) for i in get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))]
     if dummy_2d:
         initial[0] = patch_size[0]
-    transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation, None, (0, 1, 2), dummy_2d)
+    transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation, deep_supervision_scales, (0, 1, 2),
+                                                       dummy_2d)
     return transforms, initial
 
 
