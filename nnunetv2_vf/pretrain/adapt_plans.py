@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from nnunetv2_vf.plans import effective_configuration
-from nnunetv2_vf.pretrain.dataset import Preprocessing
+from nnunetv2_vf.pretrain.dataset import CT_WINDOW, Preprocessing
 
 __all__ = ["load_adaptation_plan", "adapted_plans", "adapt_plans", "convert_misfm_checkpoint",
            "MISFM_ADAPTATION_PLAN"]
@@ -92,7 +92,7 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     """Write ``nnUNet_preprocessed/DatasetXXX/<plans_name>.json``; returns its path."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.file_path_utilities import maybe_convert_to_dataset_name
-    if nnUNet_preprocessed is None:
+    if not nnUNet_preprocessed:  # nnU-Net 2.8's lazy path object: falsy when the variable is unset
         raise RuntimeError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
     name = maybe_convert_to_dataset_name(dataset)
     folder = Path(nnUNet_preprocessed) / name
@@ -120,7 +120,7 @@ MISFM_ADAPTATION_PLAN = {
     # the authors' pipeline: native spacing, HU clipped to [-1000, 1000] -> [-1, 1], 64x128x128 crops
     "preprocessing": {"spacing": None, "normalization": "CT", "nnunet_normalization_scheme": "CTNormalization",
                       "intensity_properties": Preprocessing("CT").ct_intensity_properties,
-                      "ct_window": [-1000.0, 1000.0]},
+                      "ct_window": list(CT_WINDOW)},
     "volume_fusion": {"variant": "paper", "num_classes": 5},
 }
 
