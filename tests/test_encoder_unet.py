@@ -11,7 +11,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunetv2_vf.architectures.encoder_unet import (DepthStackUNet, EncoderUNet2D, EncoderUNet3D, InstanceNormAct,
                                                     depth_reduction_plan)
-from nnunetv2_vf.trainers.cross_dimensional import GroupPolyLRScheduler, with_encoder_unet_architecture
+from nnunetv2_vf.trainers.cross_dimensional import with_encoder_unet_architecture
+from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 
 torch.manual_seed(0)
 
@@ -231,7 +232,7 @@ def test_plans_build_the_network_through_nnunet(network, dim, configuration):
 def test_group_poly_scheduler_keeps_lower_encoder_lr():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 1e-4}])
-    sched = GroupPolyLRScheduler(opt, 10)
+    sched = WarmupPolyLRScheduler(opt, 10)
     sched.step(5)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs[0] == pytest.approx(1e-3 * 0.5 ** 0.9) and lrs[1] == pytest.approx(lrs[0] / 10)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nnunetv2_vf.architectures.pctnet import PCTNet
-from nnunetv2_vf.trainers.pctnet_trainer import PCTNET_CLASS_NAME, WarmupPolyLRScheduler, with_pctnet_architecture
+from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_vf.trainers.pctnet_trainer import PCTNET_CLASS_NAME, with_pctnet_architecture
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def test_2d_configuration_is_refused_with_advice(plans):
 
 
 def test_warmup_then_poly_schedule():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupPolyLRScheduler(opt, 1e-3, max_steps=100, warmup_steps=4)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = WarmupPolyLRScheduler(opt, max_steps=100, warmup_steps=4)
     lrs = []
     for epoch in range(100):
         sched.step(epoch)

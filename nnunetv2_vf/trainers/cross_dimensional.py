@@ -26,17 +26,17 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
 from nnunetv2_vf.checkpoint_io import read_weights_file
 from nnunetv2_vf.plans import effective_configuration
+from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
            "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
            "DepthStackUNetTrainer_2epochs",
-           "with_encoder_unet_architecture", "GroupPolyLRScheduler", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
+           "with_encoder_unet_architecture", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
            "ENV_INFLATION", "PYPI_LITE0"]
 
 ENV_ENCODER = "nnUNet_vf_encoder"
@@ -84,27 +84,6 @@ def with_encoder_unet_architecture(plans: dict, configuration: str, network: str
                            "_kw_requires_import": []}
     cfg[PROVENANCE_KEY] = {"encoder_name": encoder_name, "encoder_weights": encoder_weights}
     return plans
-
-
-class GroupPolyLRScheduler(_LRScheduler):
-    """nnU-Net's poly decay applied to each param group's own ``initial_lr`` (PolyLRScheduler sets one lr for all)."""
-
-    def __init__(self, optimizer, max_steps: int, exponent: float = 0.9):
-        self.max_steps = max_steps
-        self.exponent = exponent
-        self.ctr = 0
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        super().__init__(optimizer, -1)
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        factor = (1 - min(current_step, self.max_steps - 1) / self.max_steps) ** self.exponent
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -194,7 +173,7 @@ class _EncoderUNetTrainerBase(nnUNetTrainer):
                          "weight_decay": self.weight_decay if decay else 0.0}
                         for (part, decay), params in groups.items() if params]
         optimizer = torch.optim.AdamW(param_groups, lr=self.initial_lr)
-        return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs)
 
 
 class EncoderUNet2DTrainer(_EncoderUNetTrainerBase):

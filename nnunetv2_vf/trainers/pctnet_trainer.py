@@ -12,14 +12,14 @@ import copy
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
 from nnunetv2_vf.plans import effective_configuration
+from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
-           "PCTNET_CLASS_NAME", "with_pctnet_architecture", "WarmupPolyLRScheduler"]
+           "PCTNET_CLASS_NAME", "with_pctnet_architecture"]
 
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
 PAPER_FEATURES = (24, 48, 128, 256, 512)
@@ -50,33 +50,6 @@ def with_pctnet_architecture(plans: dict, configuration: str, features=PAPER_FEA
     cfg["architecture"] = {"network_class_name": PCTNET_CLASS_NAME, "arch_kwargs": kwargs,
                            "_kw_requires_import": []}
     return plans
-
-
-class WarmupPolyLRScheduler(_LRScheduler):
-    """Linear warm-up over ``warmup_steps`` then nnU-Net's poly decay; ``step(epoch)`` like PolyLRScheduler."""
-
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, exponent: float = 0.9):
-        self.initial_lr = initial_lr
-        self.max_steps = max_steps
-        self.warmup_steps = warmup_steps
-        self.exponent = exponent
-        self.ctr = 0
-        super().__init__(optimizer, -1)
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.initial_lr * (step + 1) / (self.warmup_steps + 1)
-        remaining = max(1, self.max_steps - self.warmup_steps)
-        return self.initial_lr * (1 - (step - self.warmup_steps) / remaining) ** self.exponent
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
 
 
 def _decay_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -111,7 +84,7 @@ class PCTNetTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(_decay_groups(self.network, self.weight_decay), lr=self.initial_lr)
         warmup = max(1, round(self.warmup_fraction * self.num_epochs))
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
 
 
 class PCTNetTrainer_small(PCTNetTrainer):
