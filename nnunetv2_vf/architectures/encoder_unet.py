@@ -319,10 +319,10 @@ class EncoderUNet3D(_EncoderUNet):
     def load_inflated(self, state_dict_2d: dict, only_prefix: str | None = None) -> list[str]:
         """Load 2D weights (an EncoderUNet2D state dict) inflated with ``self.inflation``; returns loaded keys.
 
-        Transposed convs (decoder upsampling, kernel = stride) are repeated along depth without scaling: each output
-        slice receives exactly one input slice, so this keeps depth-constant inputs exact.
+        Transposed convs (decoder upsampling, kernel = stride) are repeated along depth without scaling by
+        :func:`inflate_state_dict`'s transposed rule: each output slice receives exactly one input slice, so
+        depth-constant inputs stay exact.
         """
-
         own = self.state_dict()
         source = {k: v for k, v in state_dict_2d.items() if only_prefix is None or k.startswith(only_prefix)}
         missing = [k for k in own if (only_prefix is None or k.startswith(only_prefix)) and k not in source]
@@ -335,8 +335,6 @@ class EncoderUNet3D(_EncoderUNet):
             target = own.get(k)
             if target is None:
                 continue
-            if k.startswith("decoder.upsamples.") and v.ndim == 4:
-                inflated[k] = v.unsqueeze(2).repeat(1, 1, target.shape[2], 1, 1)
             if inflated[k].shape != target.shape:
                 raise ValueError(f"2D weight {k} {tuple(v.shape)} does not inflate to this network's "
                                  f"{tuple(target.shape)}: the 2D network was built for another plan (classes, "
