@@ -2,3 +2,4 @@
 from nnunetv2_vf.trainers.pctnet_trainer import *  # noqa: F401,F403
 from nnunetv2_vf.trainers.cross_dimensional import *  # noqa: F401,F403
 from nnunetv2_vf.trainers.vf_pretrained_trainer import *  # noqa: F401,F403
+from nnunetv2_vf.trainers.seeded import *  # noqa: F401,F403

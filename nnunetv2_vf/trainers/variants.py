@@ -1,12 +1,17 @@
-"""Mixins for nnU-Net-style trainer variants (``_Xepochs``, ``NoMirroring``) shared by all plugin trainers.
+"""Mixins for nnU-Net-style trainer variants (``_Xepochs``, ``NoMirroring``, ``_seedN``) shared by all plugin
+trainers.
 
 Place them before the trainer class: ``class PCTNetTrainer_small_2epochs(NoMirroring, TrainingBudget, ...)``.
 """
 from __future__ import annotations
 
+import hashlib
+import random
+
+import numpy as np
 import torch
 
-__all__ = ["TrainingBudget", "NoMirroring"]
+__all__ = ["TrainingBudget", "NoMirroring", "Seeded", "seed_everything"]
 
 
 class TrainingBudget:
@@ -35,3 +40,69 @@ class NoMirroring:
         rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, initial_patch_size, None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator an nnU-Net run draws from: Python's ``random``, NumPy's global state (nnU-Net's data
+    loader and batchgenerators), and torch (network initialisation, dropout, batchgeneratorsv2 transforms)."""
+    seed = int(seed) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Seeded:
+    """Reproducible nnU-Net runs (nnU-Net has no seed option): ``seed`` fixes network initialisation and, separately,
+    the training data stream (which cases, which crops, which augmentation, which dropout masks).
+
+    Two seeding points, so that the from-scratch and the ``-pretrained_weights`` arm of a study see the SAME batches:
+    ``initialize()`` seeds the network initialisation, ``get_dataloaders()`` re-seeds before any batch is drawn.
+    Loading pretrained weights happens between the two and draws no random numbers, so the arms differ only in their
+    initial weights. On CPU with ``nnUNet_n_proc_DA=0`` a run is bit-reproducible; augmentation worker processes
+    (nnU-Net's NonDetMultiThreadedAugmenter) and cuDNN autotuning are not seeded, so GPU runs with workers are
+    seeded but not bit-identical. ``--c`` continuation does not restore the generators (nnU-Net does not store them).
+
+    Every epoch logs a digest of all training batches so far, so two runs can prove they saw the same data.
+    """
+
+    seed: int = 0
+
+    def initialize(self):
+        if not self.was_initialized:
+            seed_everything(2 * self.seed)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+                torch.backends.cudnn.deterministic = True
+        super().initialize()
+
+    def get_dataloaders(self):
+        seed_everything(2 * self.seed + 1 + 1000 * self.local_rank)
+        self._batch_digest = hashlib.sha256()
+        self.print_to_log_file(f"Seeded: seed {self.seed} (network init {2 * self.seed}, data stream "
+                               f"{2 * self.seed + 1 + 1000 * self.local_rank})")
+        return super().get_dataloaders()
+
+    def train_step(self, batch: dict) -> dict:
+        digest = getattr(self, "_batch_digest", None)
+        if digest is not None:
+            for tensor in (batch["data"], *_as_list(batch["target"])):
+                digest.update(_fingerprint(tensor))
+        return super().train_step(batch)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if getattr(self, "_batch_digest", None) is not None:
+            self.print_to_log_file(f"Seeded: training batch digest {self._batch_digest.hexdigest()[:16]}")
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _fingerprint(tensor) -> bytes:
+    """Shape plus a strided sample of at most ~4k values: cheap enough for every step, and any change of case, crop
+    or augmentation changes it."""
+    flat = torch.as_tensor(tensor).detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].to("cpu", torch.float32).numpy()
+    return repr(tuple(tensor.shape)).encode() + sample.tobytes()
