@@ -1,4 +1,5 @@
-"""Reading weight files with errors that say what is wrong and what to do (missing, empty, corrupt)."""
+"""Reading weight files with errors that say what is wrong and what to do (missing, empty, corrupt), and writing
+files atomically (one helper for checkpoints, json, npz, png) with a clear error when the disk is full."""
 from __future__ import annotations
 
 import os
@@ -6,12 +7,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["read_weights_file"]
+__all__ = ["read_weights_file", "atomic_write", "save_torch", "remove_stale_tmp_files", "WriteError",
+           "payload_bytes"]
 
 
 def read_weights_file(path: str | os.PathLike, what: str, missing_fix: str, reread_fix: str,
-                      weights_only: bool = True, load: Optional[Callable[[str], Any]] = None) -> Any:
+                      weights_only: bool = True, load: Optional[Callable[[str], Any]] = None,
+                      allow_numpy: bool = False) -> Any:
     """``torch.load(path)`` (or ``load(path)``, e.g. safetensors) on CPU.
+
+    ``allow_numpy``: also accept numpy arrays/scalars (nnU-Net's own checkpoints log metrics as numpy floats)
+    while still loading weights-only: these are data types, not callables.
 
     Raises FileNotFoundError ``"<what> <path> not found: <missing_fix>"`` for a missing file, and ValueError naming
     an empty or unreadable file (truncated download, not a checkpoint) followed by ``reread_fix``.
@@ -22,8 +28,122 @@ def read_weights_file(path: str | os.PathLike, what: str, missing_fix: str, rere
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path} is empty (interrupted download or copy?): {reread_fix}")
     try:
-        return load(path) if load is not None else torch.load(path, map_location="cpu", weights_only=weights_only)
+        if load is not None:
+            return load(path)
+        if allow_numpy and weights_only:
+            with torch.serialization.safe_globals(_numpy_data_types()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for truncated or foreign files
+        if "Weights only load failed" in str(e):
+            import re
+            found = re.search(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL) *:? *([\w.]+)", str(e))
+            raise ValueError(f"{what} {path} holds Python objects besides tensors and plain data"
+                             f"{f' ({found.group(1)})' if found else ''}; it is not loaded, since unpickling them "
+                             f"could run code. Save only the weights from a trusted copy, e.g. "
+                             f"torch.save({{'network_weights': model.state_dict()}}, path): {reread_fix}") from e
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"cannot read {what} {path} ({type(e).__name__}: {reason}); the file is corrupt or not a "
                          f"checkpoint: {reread_fix}") from e
+
+
+def _numpy_data_types() -> list:
+    """numpy's array, dtype and scalar reconstruction entries: what nnU-Net checkpoints contain besides tensors."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+TMP_MARK = ".tmp"  # temporary files are '<name>.<pid>.tmp': the pid tells a dead writer's leftover from a live one
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, permissions); the message says what is needed."""
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors/arrays in ``obj`` (nested dicts/lists): what a checkpoint of it needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if hasattr(obj, "nbytes") and not isinstance(obj, (int, float)):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], what: str = "file",
+                 needed_bytes: Optional[int] = None) -> None:
+    """Write ``path`` through ``write(binary_file)`` into a temporary file next to it, then ``os.replace``.
+
+    Readers never see a half-written file, and a failed write (full disk) removes its temporary file and raises
+    WriteError naming the free space and about how much is needed. A killed process leaves '<name>.<pid>.tmp',
+    which ``remove_stale_tmp_files`` deletes at the next start.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}{TMP_MARK}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not become visible before the data (power loss)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save reports ENOSPC as RuntimeError ('file write failed'), numpy/json as OSError
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, WriteError):
+            raise WriteError(_write_failure_message(path, what, e, needed_bytes)) from e
+        raise
+
+
+def _write_failure_message(path: str, what: str, e: BaseException, needed_bytes: Optional[int]) -> str:
+    import shutil
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"it needs about {needed_bytes / 2 ** 20:.1f} MiB, " if needed_bytes else ""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return (f"cannot write {what} {path} ({type(e).__name__}: {reason}); {need}{free} on {folder}. Free disk "
+            f"space (or fix the permissions) and rerun the same command with --continue")
+
+
+def save_torch(obj: Any, path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f), what, needed_bytes=payload_bytes(obj))
+
+
+def remove_stale_tmp_files(folder: str | os.PathLike, pattern: str = f"*{TMP_MARK}*") -> list[str]:
+    """Delete temporary files of writers that are no longer running (killed mid-write); returns their names.
+
+    A file whose name carries the pid of a live process is kept: another rank or run may be writing it.
+    """
+    import glob
+    import re
+    removed = []
+    for tmp in glob.glob(os.path.join(os.fspath(folder), pattern)):
+        m = re.search(r"\.(\d+)\.tmp", os.path.basename(tmp))
+        if m and _pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
+            continue
+        try:
+            os.remove(tmp)
+            removed.append(os.path.basename(tmp))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -55,14 +55,18 @@ def test_pretrain_outputs_and_exact_resume(pretrained, pretrain_inputs, hippo_da
     assert final["iteration"] == 5
     net = PCTNet(1, 5, features_per_stage=[int(f) for f in SMALL])
     net.load_state_dict(final["network_weights"])  # exactly the PCTNet layout
-    latest = torch.load(out / "checkpoint_latest.pth", weights_only=False)
+    latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)  # RNG states as plain lists too
     assert latest["logs"]["iteration"] == [2, 3, 4, 5]
+    assert latest["logs"]["train_iteration"] == [1, 2, 3, 4, 5]  # the loss curve has more points than validation
+    log = (out / "training_log.txt").read_text()
+    assert "warning: skipping unreadable image" in log and "corrupt_0000.nii.gz" in log  # not only on stderr
     assert all(np.isfinite(latest["logs"]["train_loss"])) and all(0 <= d <= 1 for d in latest["logs"]["val_dice"])
     plan = json.loads((out / "adaptation_plan.json").read_text())
     assert plan["patch_size"] == [16, 32, 32] and plan["volume_fusion"]["variant"] == "paper"
     assert plan["preprocessing"]["nnunet_normalization_scheme"] == "ZScoreNormalization"
     assert plan["architecture_plans"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64, 128]
     assert plan["num_pretraining_images"] == 17  # 16 dataset images + 1 extra; the corrupt one is not counted
+    assert "on 17 volumes" in pretrained["first_log"]
 
     # an uninterrupted 5-iteration run gives the same weights as 3 + resumed 2
     straight = out.parent / "straight"

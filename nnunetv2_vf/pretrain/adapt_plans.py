@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
+from nnunetv2_vf.checkpoint_io import atomic_write, save_torch
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.pretrain.dataset import CT_WINDOW, Preprocessing
 
@@ -106,9 +105,7 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     new = adapted_plans(plans, load_adaptation_plan(adaptation_plan), configuration, plans_name, keep_patch_size,
                         channels)
     target = folder / f"{plans_name}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2))
-    os.replace(tmp, target)
+    atomic_write(target, lambda f: f.write(json.dumps(new, indent=2).encode()), "plans")
     return target
 
 
@@ -143,9 +140,7 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save({"network_weights": weights, "trainer_name": "misfm_pctnet_converted"}, tmp)
-    os.replace(tmp, target)
+    save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted"}, target, "converted weights")
     plan = dict(copy.deepcopy(MISFM_ADAPTATION_PLAN))
     plan["pretrain_num_input_channels"] = in_channels
     plan["architecture_plans"] = {"arch_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
@@ -158,6 +153,6 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
     plan_file = target.parent / "adaptation_plan.json"
     if plan_file.exists():
         plan_file = target.parent / f"{target.stem}.adaptation_plan.json"
-    plan_file.write_text(json.dumps(plan, indent=2))
+    atomic_write(plan_file, lambda f: f.write(json.dumps(plan, indent=2).encode()), "adaptation plan")
     plan["written_to"] = str(plan_file)
     return plan

@@ -19,8 +19,11 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
+from nnunetv2_vf.checkpoint_io import atomic_write, remove_stale_tmp_files
+
 __all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "Preprocessing", "find_images", "check_volume_headers",
-           "VolumeCache", "crop_or_pad", "VFPretrainDataLoader", "nnunet_augmentation"]
+           "VolumeCache", "crop_or_pad", "VFPretrainDataLoader", "nnunet_augmentation", "detect_modality",
+           "exit_with_parent"]
 
 # what SimpleITK reads and nnU-Net datasets commonly use (longest first so '.nii.gz' wins over '.gz')
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl", ".tif", ".tiff",
@@ -38,7 +41,7 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     folders (recursively). Sorted, so every DDP rank sees the same order."""
     files: list[Path] = []
     for entry in inputs:
-        root = Path(entry)
+        root = Path(os.path.abspath(os.path.expanduser(entry)))  # absolute: a resumed run may start elsewhere
         if root.is_file():
             files.append(root)
             continue
@@ -61,7 +64,7 @@ def check_volume_headers(files: Sequence[Path]) -> list[Path]:
 
     Raises if no file is a readable 3D volume.
     """
-    good, two_d = [], []
+    good, two_d, multi = [], [], []
     for f in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(f))
@@ -71,10 +74,21 @@ def check_volume_headers(files: Sequence[Path]) -> list[Path]:
             warnings.warn(f"skipping unreadable image {f}: {str(e).strip().splitlines()[-1][:200]}")
             continue
         size = reader.GetSize()
+        if reader.GetDimension() > 3 or reader.GetNumberOfComponents() > 1:
+            multi.append((f, size, reader.GetNumberOfComponents()))
+            continue
         if reader.GetDimension() != 3 or min(size) < 1 or (reader.GetDimension() == 3 and size[2] == 1):
             two_d.append((f, size))
             continue
         good.append(f)
+    if multi:
+        f, size, comps = multi[0]
+        msg = (f"{len(multi)} image(s) have several channels (e.g. {f}, size {size}, {comps} component(s) per "
+               f"voxel); Volume Fusion pretraining uses single-channel 3D volumes: split each channel into its own "
+               f"3D file (nnU-Net's NAME_0000, NAME_0001, ... layout) or remove them")
+        if not good and not two_d:
+            raise ValueError(msg)
+        warnings.warn(msg + "; they are skipped")
     if two_d:
         msg = (f"{len(two_d)} image(s) are not 3D volumes (e.g. {two_d[0][0]}, size {two_d[0][1]}); Volume Fusion "
                f"pretraining needs 3D volumes: convert 2D slices/series to 3D images or remove them")
@@ -139,8 +153,12 @@ class Preprocessing:
                              f"component(s)")
         data = sitk.GetArrayFromImage(image).astype(np.float32)[None]  # [1, D, H, W], z first like nnU-Net
         finite = np.isfinite(data)
-        if not finite.all():
-            warnings.warn(f"{path}: {int((~finite).sum())} NaN/Inf voxel(s) replaced by 0 before normalisation")
+        # ITK's NIfTI reader already turned NaN into 0: count them in the raw file data
+        nonfinite = max(int(data.size - finite.sum()), _nifti_nonfinite_count(path))
+        if nonfinite == data.size:
+            raise ValueError("every voxel is NaN/Inf (no image content)")
+        if nonfinite:
+            warnings.warn(f"{path}: {nonfinite} NaN/Inf voxel(s) replaced by 0 before normalisation")
             data = np.where(finite, data, 0).astype(np.float32)
         spacing = list(image.GetSpacing())[::-1]
         if self.spacing is not None and not np.allclose(spacing, self.spacing):
@@ -149,6 +167,15 @@ class Preprocessing:
                                                  order_z=0, force_separate_z=None).astype(np.float32)
         data = self.normalizer().run(data[0])[None]
         return np.nan_to_num(data, copy=False).astype(np.float32, copy=False)
+
+
+def _nifti_nonfinite_count(path: Path) -> int:
+    """NaN/Inf voxels of a NIfTI file's raw data (SimpleITK's NIfTI reader replaces them with 0 without a word)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return 0
+    import nibabel
+    raw = np.asanyarray(nibabel.load(str(path)).dataobj)
+    return int(raw.size - np.isfinite(raw).sum()) if np.issubdtype(raw.dtype, np.floating) else 0
 
 
 def check_complete(path: Path) -> None:
@@ -176,7 +203,7 @@ def check_complete(path: Path) -> None:
 class VolumeCache:
     """Lazily preprocessed volumes, one ``.npy`` per file, memory-mapped on read.
 
-    Writing is atomic (tmp file + ``os.replace``), so concurrent workers/ranks that preprocess the same volume at
+    Writing is atomic (``checkpoint_io.atomic_write``), so concurrent workers/ranks that preprocess the same volume at
     the same time cannot leave a half-written cache entry.
     """
 
@@ -184,6 +211,7 @@ class VolumeCache:
         self.files = [Path(f) for f in files]
         self.cache_dir = Path(cache_dir) / preprocessing.key()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp_files(self.cache_dir)  # a killed run's half-written entries would stay forever
         self.preprocessing = preprocessing
         self.failed: set[int] = set()
 
@@ -209,9 +237,7 @@ class VolumeCache:
                               f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})")
                 self.failed.add(i)
                 return None
-            tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, data)
-            os.replace(tmp, target)
+            atomic_write(target, lambda f: np.save(f, data), "preprocessed volume", needed_bytes=data.nbytes)
         return np.load(target, mmap_mode="r")
 
 
@@ -284,6 +310,12 @@ class VFPretrainDataLoader(SlimDataLoaderBase):
         raise RuntimeError(f"none of the {len(self.indices)} volumes of this process could be read; see the "
                            f"warnings above for the files and reasons")
 
+    def set_thread_id(self, thread_id):
+        """Called first thing in each batchgenerators worker process: tie the worker's life to its parent's."""
+        super().set_thread_id(thread_id)
+        if os.getpid() != self._owner_pid:
+            exit_with_parent(self._owner_pid)
+
     def generate_train_batch(self) -> dict:
         if os.getpid() != self._owner_pid:
             # an augmenter worker: batchgenerators seeded numpy's global generator per worker; derive our own
@@ -299,3 +331,65 @@ class VFPretrainDataLoader(SlimDataLoaderBase):
                 crop = self.transforms(image=image, segmentation=seg)["image"].numpy()
             data[b] = crop
         return {"data": data}
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this (worker) process when ``parent_pid`` dies, even by SIGKILL.
+
+    batchgenerators' workers are daemon processes, but daemons are only stopped by a parent that exits normally;
+    after a SIGKILL they would block on a full queue forever. Linux: the kernel sends SIGKILL on the parent's
+    death (prctl PR_SET_PDEATHSIG). Elsewhere: a thread polls the parent pid.
+    """
+    import signal
+    import sys
+    import threading
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        import time
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def detect_modality(inputs: Sequence[str | os.PathLike]) -> str:
+    """'CT' or 'MR' from the ``channel_names`` of nnU-Net raw datasets' dataset.json ("CT" -> CT, any other name
+    -> MR). Raises ValueError naming the folder when an input is a plain image folder (nothing to detect from)
+    or the inputs disagree, with the fix (--modality)."""
+    found: dict[str, str] = {}
+    for entry in inputs:
+        root = Path(entry)
+        ds = root / "dataset.json"
+        if not ds.is_file():
+            raise ValueError(f"cannot tell whether {root} holds CT or MR images (no nnU-Net dataset.json with "
+                             f"channel_names): give --modality CT (clip HU to [-1000, 1000]) or --modality MR "
+                             f"(per-image z-score)")
+        try:
+            meta = json.loads(ds.read_text())
+            names = meta.get("channel_names") or meta.get("modality")  # v2 name, v1 (Decathlon) name
+        except (json.JSONDecodeError, OSError) as e:
+            raise ValueError(f"cannot read {ds} ({e}): fix it or give --modality CT or --modality MR") from e
+        if not names:
+            raise ValueError(f"{ds} has no channel_names: give --modality CT or --modality MR")
+        kinds = {"CT" if str(v).strip().upper() == "CT" else "MR" for v in dict(names).values()}
+        if len(kinds) > 1:
+            raise ValueError(f"{ds} mixes CT and non-CT channels ({dict(names)}): pretrain each modality "
+                             f"separately with --modality CT or --modality MR")
+        found[str(root)] = kinds.pop()
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the inputs mix CT and MR datasets ({found}): pretrain on one modality, or force one "
+                         f"normalisation with --modality CT or --modality MR")
+    if not found:
+        raise ValueError("no inputs given")
+    return next(iter(found.values()))

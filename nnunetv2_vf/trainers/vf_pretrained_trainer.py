@@ -37,7 +37,7 @@ def pretrained_weights_from_argv(argv=None) -> Optional[str]:
 def check_pretrained_compatibility(network: torch.nn.Module, path: str) -> int:
     """Raise a ValueError naming every key nnU-Net's loader would reject; returns the number of tensors that load."""
     ckpt = read_weights_file(path, "-pretrained_weights", "nnUNetv2_vf_pretrain writes OUTPUT_DIR/checkpoint_final.pth",
-                             "give an intact nnUNetv2_vf_pretrain or nnU-Net checkpoint_final.pth", weights_only=False)
+                             "give an intact nnUNetv2_vf_pretrain or nnU-Net checkpoint_final.pth", allow_numpy=True)
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt and "network_weights" not in ckpt:
         raise ValueError(f"-pretrained_weights {path} is in the MIS-FM authors' format (model_state_dict). Convert "
                          f"it first: nnUNetv2_vf_convert_misfm {path} converted.pth, then "
