@@ -56,7 +56,8 @@ def _numpy_data_types() -> list:
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-TMP_MARK = ".tmp"  # temporary files are '<name>.<pid>.tmp': the pid tells a dead writer's leftover from a live one
+TMP_MARK = ".tmp"  # temporary files are '<name>.<host>-<pid>.tmp': tells a dead writer's leftover from a live one
+OTHER_HOST_TMP_AGE_S = 3600  # another machine's (shared cache of multi-node DDP) leftovers: removed when this old
 
 
 class WriteError(OSError):
@@ -85,7 +86,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], what: st
     which ``remove_stale_tmp_files`` deletes at the next start.
     """
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}{TMP_MARK}"
+    tmp = f"{path}.{_writer_id()}{TMP_MARK}"
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -119,22 +120,40 @@ def save_torch(obj: Any, path: str | os.PathLike, what: str = "checkpoint") -> N
     atomic_write(path, lambda f: torch.save(obj, f), what, needed_bytes=payload_bytes(obj))
 
 
+def _host_tag() -> str:
+    import re
+    import socket
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+
+
+def _writer_id(pid: Optional[int] = None) -> str:
+    """'<host>-<pid>' of a temporary file's writer."""
+    return f"{_host_tag()}-{os.getpid() if pid is None else pid}"
+
+
 def remove_stale_tmp_files(folder: str | os.PathLike, pattern: str = f"*{TMP_MARK}*") -> list[str]:
     """Delete temporary files of writers that are no longer running (killed mid-write); returns their names.
 
-    A file whose name carries the pid of a live process is kept: another rank or run may be writing it.
+    Kept: files of a live process of this machine (another rank or run is writing them), and recent files of
+    other machines (whose processes cannot be checked from here).
     """
     import glob
     import re
+    import time
+    host = _host_tag()
     removed = []
     for tmp in glob.glob(os.path.join(os.fspath(folder), pattern)):
-        m = re.search(r"\.(\d+)\.tmp", os.path.basename(tmp))
-        if m and _pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
-            continue
+        m = re.search(r"\.(\w+)-(\d+)\.tmp", os.path.basename(tmp))
         try:
+            if m and m.group(1) == host:
+                pid = int(m.group(2))
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue
+            elif m and time.time() - os.path.getmtime(tmp) < OTHER_HOST_TMP_AGE_S:
+                continue
             os.remove(tmp)
             removed.append(os.path.basename(tmp))
-        except OSError:
+        except OSError:  # removed meanwhile by another rank
             pass
     return removed
 

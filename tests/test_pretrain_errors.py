@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_vf.checkpoint_io import WriteError, atomic_write, remove_stale_tmp_files, save_torch
+from nnunetv2_vf.checkpoint_io import WriteError, _writer_id, atomic_write, remove_stale_tmp_files, save_torch
 from nnunetv2_vf.pretrain.cli import pretrain_main
 from nnunetv2_vf.pretrain.dataset import Preprocessing, check_volume_headers, detect_modality, find_images
 from nnunetv2_vf.pretrain.pretrainer import PretrainConfig, VFPretrainer, input_manifest
@@ -45,9 +46,9 @@ def _error(argv) -> str:
 
 def _fake_run(out: Path, images: Path, **changes) -> None:
     """The config.json a run writes before its first checkpoint (all --continue needs without a checkpoint)."""
-    cfg = PretrainConfig(inputs=[str(images)], output_dir=str(out), normalization="MR", batch_size=2,
-                         patch_size=[16, 32, 32], features=[8, 16, 32, 64, 128], device="cpu", num_workers=0,
-                         **changes)
+    settings = dict(normalization="MR", batch_size=2, patch_size=[16, 32, 32], features=[8, 16, 32, 64, 128],
+                    device="cpu", num_workers=0)
+    cfg = PretrainConfig(inputs=[str(images)], output_dir=str(out), **{**settings, **changes})
     out.mkdir(parents=True, exist_ok=True)
     manifest = input_manifest(find_images([images]))
     (out / "config.json").write_text(json.dumps({**cfg.__dict__, "input_files": manifest}))
@@ -185,11 +186,15 @@ def test_full_disk_ends_the_run_with_a_message_and_no_temporary_file(tmp_path, i
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
-    dead = tmp_path / "case_0000_abc.npy.4194303.tmp"  # above the kernel's pid limit: never a live process
-    live = tmp_path / f"case_0001_abc.npy.{os.getppid()}.tmp"  # a running writer (our parent)
-    dead.write_bytes(b"x"), live.write_bytes(b"x")
+    dead = tmp_path / f"case_0000_abc.npy.{_writer_id(999999999)}.tmp"  # above any pid limit: never alive
+    live = tmp_path / f"case_0001_abc.npy.{_writer_id(os.getppid())}.tmp"  # a running writer (our parent)
+    other_host = tmp_path / "case_0002_abc.npy.node7-12.tmp"  # maybe still being written by another machine
+    for f in (dead, live, other_host):
+        f.write_bytes(b"x")
     assert remove_stale_tmp_files(tmp_path) == [dead.name]
-    assert live.exists()
+    old = time.time() - 2 * 3600
+    os.utime(other_host, (old, old))
+    assert remove_stale_tmp_files(tmp_path) == [other_host.name]
     atomic_write(tmp_path / "a.json", lambda f: f.write(b"{}"))
     assert sorted(os.listdir(tmp_path)) == ["a.json", live.name]
 
@@ -249,3 +254,32 @@ def test_finetuning_weights_load_weights_only_and_refuse_code(tmp_path):
     with pytest.raises(ValueError) as e:
         check_pretrained_compatibility(net, str(evil))
     assert "could run code" in str(e.value) and "system" in str(e.value)
+
+
+def test_overwrite_starts_a_new_run_without_the_old_validation_set(tmp_path, images):
+    out = tmp_path / "run"
+    _fake_run(out, images, features=[8, 16, 32, 64, 96])
+    np.savez(out / "validation_set.npz", data=np.zeros(1), target=np.zeros(1))  # the old run's, wrong shape
+    (out / f"checkpoint_latest.pth.{_writer_id(999999999)}.tmp").write_bytes(b"half")  # a killed writer's
+    pretrain_main([str(images), "-o", str(out), *SMALL, "--modality", "MR", "--iterations", "1", "--val-samples",
+                   "2", "--no-augmentation", "--overwrite"])
+    with np.load(out / "validation_set.npz") as f:
+        assert f["data"].shape == (2, 1, 16, 32, 32)
+    assert json.loads((out / "config.json").read_text())["features"] == [8, 16, 32, 64, 128]
+    assert torch.load(out / "checkpoint_latest.pth", weights_only=True)["iteration"] == 1
+    assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("lrs, panels", [([1e-3] * 4, 2), ([1e-3, 1e-3, 5e-4, 5e-4], 3)])
+def test_progress_plot_shows_the_learning_rate_only_when_it_changes(tmp_path, lrs, panels):
+    from PIL import Image
+    trainer = VFPretrainer.__new__(VFPretrainer)  # only what plot_progress reads
+    trainer.rank, trainer.iteration, trainer.output_dir = 0, 20, tmp_path
+    trainer.cfg = PretrainConfig(inputs=[], output_dir=str(tmp_path), iterations=20, val_every=10)
+    trainer.architecture = {"network_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet"}
+    trainer.logs = {"iteration": [10, 20], "train_loss": [1.4, 1.2], "val_loss": [1.5, 1.3], "val_dice": [0.1, 0.2],
+                    "lr": [lrs[1], lrs[3]], "sec_per_it": [1.0, 1.1], "train_iteration": [5, 10, 15, 20],
+                    "train_loss_recent": [1.5, 1.3, 1.25, 1.2], "train_lr": lrs}
+    trainer.plot_progress()
+    height = Image.open(tmp_path / "progress.png").size[1]
+    assert height == (1200 if panels == 3 else 800)  # 4 inches per panel at 100 dpi

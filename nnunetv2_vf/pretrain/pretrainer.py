@@ -163,8 +163,9 @@ def _same_files(inputs, manifest) -> Optional[str]:
     old = {tuple(m) for m in manifest}
     new = {tuple(m) for m in now}
     only_old, only_new = sorted(old - new), sorted(new - old)
-    return (f"{len(only_old)} of the run's {len(old)} files missing or changed (e.g. {only_old[0][0] if only_old else '-'}), "
-            f"{len(only_new)} new (e.g. {only_new[0][0] if only_new else '-'})")
+    example_old, example_new = (only_old or [("-",)])[0][0], (only_new or [("-",)])[0][0]
+    return (f"{len(only_old)} of the run's {len(old)} files missing or changed (e.g. {example_old}), "
+            f"{len(only_new)} new (e.g. {example_new})")
 
 
 def _check_config(cfg: PretrainConfig) -> None:
@@ -243,9 +244,10 @@ class VFPretrainer:
         config_file = self.output_dir / "config.json"
         saved = None
         if self.latest.exists():
-            saved = read_weights_file(self.latest, "the run's checkpoint", "", "--continue cannot resume from it: "
-                                      "restore it from a backup, or start again with --overwrite (or another -o folder)",
-                                      allow_numpy=True)  # runs saved before RNG states became plain lists
+            fix = ("--continue cannot resume from it: restore it from a backup, or start again with --overwrite (or "
+                   "another -o folder)")
+            # allow_numpy: runs saved before the RNG states became plain lists
+            saved = read_weights_file(self.latest, "the run's checkpoint", "", fix, allow_numpy=True)
             run_cfg, manifest = dict(saved["config"]), saved.get("input_files")
         elif config_file.is_file():  # killed before its first checkpoint: restart it from iteration 0
             stored = json.loads(config_file.read_text())
