@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 from nnunetv2_vf.nnunet_ext_trainers import with_trainer_dir
 
@@ -48,17 +48,29 @@ def console_script(name: str) -> str:
     return found
 
 
+def command_environment(args: Sequence[str], env: dict) -> dict:
+    """The environment :func:`run_nnunet` really gives the command ``args`` (``env`` itself unless noted)."""
+    if "plan" in str(args[0]) and env.get("nnUNet_n_proc_DA") == "0":
+        # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
+        return dict(env, nnUNet_n_proc_DA="1")
+    return env
+
+
 def run_nnunet(args: Sequence[str], env: dict, log_file: str | os.PathLike | None = None,
-               timeout: float | None = None, echo: bool = True) -> str:
+               timeout: float | None = None, echo: Union[bool, Callable[[str], Union[str, None]]] = True,
+               on_start: Callable[[list, dict], None] | None = None) -> str:
     """Run ``args`` (first element a console-script name) and return its combined output.
 
     Output is streamed to the terminal (``echo``) and to ``log_file``; a non-zero exit raises RuntimeError that
-    carries the last lines of output, so a failing step says why.
+    carries the last lines of output, so a failing step says why.  ``echo`` may be a callable that gets each output
+    line and returns what to show (``None``/``""``: nothing); the returned output and ``log_file`` stay complete.
+    ``on_start(args, env)`` is called just before the process starts, with the console-script name, the arguments
+    as strings and the environment it really gets (e.g. to print a copy-pasteable command).
     """
     cmd = [console_script(args[0]), *map(str, args[1:])]
-    if "plan" in args[0] and env.get("nnUNet_n_proc_DA") == "0":
-        # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
-        env = dict(env, nnUNet_n_proc_DA="1")
+    env = command_environment(args, env)
+    if on_start is not None:
+        on_start([str(args[0]), *map(str, args[1:])], env)
     start = time.time()
     lines: list[str] = []
     log = open(log_file, "a") if log_file else None
@@ -68,8 +80,9 @@ def run_nnunet(args: Sequence[str], env: dict, log_file: str | os.PathLike | Non
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if echo:
-                sys.stdout.write(line)
+            shown = echo(line) if callable(echo) else (line if echo else None)
+            if shown:
+                sys.stdout.write(shown)
                 sys.stdout.flush()
             if log:
                 log.write(line)

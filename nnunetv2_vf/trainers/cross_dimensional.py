@@ -31,6 +31,7 @@ from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
 from nnunetv2_vf.checkpoint_io import read_weights_file
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_vf.trainers.progress import ProgressLines
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
@@ -91,7 +92,7 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "_orig_mod", network)  # torch.compile
 
 
-class _EncoderUNetTrainerBase(nnUNetTrainer):
+class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
     network_name = "EncoderUNet2D"
     default_encoder = "efficientnet_lite0"
     input_adaptation = "timm"

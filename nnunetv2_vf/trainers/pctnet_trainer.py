@@ -16,6 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_vf.trainers.progress import ProgressLines
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
@@ -62,7 +63,7 @@ def _decay_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class PCTNetTrainer(nnUNetTrainer):
+class PCTNetTrainer(ProgressLines, nnUNetTrainer):
     """PCT-Net (paper configuration) inside nnU-Net, AdamW with linear warm-up then poly decay.
 
     Why not nnU-Net's SGD (lr 1e-2, momentum 0.99): attention logits of the Swin branch diverge at that step size
