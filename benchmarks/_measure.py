@@ -1,5 +1,9 @@
 """Shared by the speed benchmarks: nnU-Net's default network for a patch (the baseline), and the time and memory
-of one training step measured in a fresh process (so peak-memory numbers of different networks never mix)."""
+of one training step measured in a fresh process (so peak-memory numbers of different networks never mix).
+
+``measure_training_step`` runs all repeats of one network in one child process; ``StepWorker`` keeps one child per
+network alive and runs one step at a time, so that a benchmark can alternate the networks repeat by repeat
+(interleaved: a slow-down of a shared machine hits every network alike)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -40,7 +44,9 @@ def _proc_status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(build: Callable, build_args: tuple, batch: int, repeats: int, device: str, threads, queue) -> None:
+def _prepare(build: Callable, build_args: tuple, batch: int, device: str, threads, amp: str | None = None,
+             compile_net: bool = False):
+    """Build the network, its input and optimiser in this process; returns (step, info, rss_model)."""
     torch.manual_seed(0)
     if threads:
         torch.set_num_threads(threads)
@@ -49,30 +55,81 @@ def _measure(build: Callable, build_args: tuple, batch: int, repeats: int, devic
     params = sum(p.numel() for p in net.parameters())
     x = torch.randn(batch, 1, *patch, device=device)  # all benchmarked networks take one channel
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    model = torch.compile(net) if compile_net else net
+    amp_dtype = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = net(x)
-        loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
+        with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+            loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
         loss.backward()
         opt.step()
 
     rss_model = _proc_status_mb("VmRSS")
-    step()  # warm-up (allocator, cudnn autotune)
+    step()  # warm-up (allocator, cudnn autotune, compilation)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+
+    def timed_step() -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is the steadier one."""
+        t, c = time.perf_counter(), time.process_time()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t, time.process_time() - c
+
+    return timed_step, dict(patch=list(patch), batch=batch, params=params), rss_model
+
+
+def _peak_mb(device: str, rss_model: float) -> float:
     # CUDA: max allocated; CPU: high-water RSS above the RSS with the model built (activations, gradients, optimiser)
-    peak_mb = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
-               else _proc_status_mb("VmHWM") - rss_model)
-    queue.put(dict(patch=list(patch), batch=batch, params=params, seconds=statistics.median(times), peak_mb=peak_mb))
+    return (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
+            else _proc_status_mb("VmHWM") - rss_model)
+
+
+def _measure(build: Callable, build_args: tuple, batch: int, repeats: int, device: str, threads, queue) -> None:
+    timed_step, info, rss_model = _prepare(build, build_args, batch, device, threads)
+    times = [timed_step()[0] for _ in range(repeats)]
+    queue.put(dict(info, seconds=statistics.median(times), peak_mb=_peak_mb(device, rss_model)))
+
+
+def _worker(build: Callable, build_args: tuple, batch: int, device: str, threads, amp, compile_net, conn) -> None:
+    timed_step, info, rss_model = _prepare(build, build_args, batch, device, threads, amp, compile_net)
+    conn.send(info)
+    while True:
+        command = conn.recv()
+        if command == "step":
+            conn.send(timed_step())
+        else:  # "peak": report and exit
+            conn.send(_peak_mb(device, rss_model))
+            return
+
+
+class StepWorker:
+    """One network in its own (spawned) process, built and warmed up at construction; ``step()`` runs one timed
+    forward+backward+AdamW step there and returns its (wall, CPU) seconds; ``peak_mb()`` returns the peak memory of
+    all steps and ends the process. ``build(*build_args) -> (network, patch)`` must be a module-level function."""
+
+    def __init__(self, build: Callable, build_args: tuple, batch: int, device: str, threads: int | None = None,
+                 amp: str | None = None, compile_net: bool = False):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker, args=(build, build_args, batch, device, threads, amp, compile_net,
+                                                       child), daemon=True)
+        self._proc.start()
+        self.info = self._conn.recv()
+
+    def step(self) -> tuple[float, float]:
+        self._conn.send("step")
+        return self._conn.recv()
+
+    def peak_mb(self) -> float:
+        self._conn.send("peak")
+        peak = self._conn.recv()
+        self._proc.join()
+        return peak
 
 
 def measure_training_step(build: Callable, build_args: tuple, batch: int, repeats: int, device: str,

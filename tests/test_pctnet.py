@@ -1,4 +1,7 @@
 """PCT-Net unit tests: conformance with the authors' implementation, shapes, patch flexibility, weight loading."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
@@ -151,3 +154,140 @@ def test_nnunet_pretrained_weights_loader_skips_only_classifiers(tmp_path):
     for key, value in task.state_dict().items():
         if ".seg_layers." not in f".{key}":
             assert torch.equal(value, pretext.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the speed-ups keep the numerics of the frozen implementation (benchmarks/_pctnet_baseline.py, 2026-11-26)
+# ------------------------------------------------------------------------------------------------------------------
+def _baseline_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_pctnet_baseline.py"
+    spec = importlib.util.spec_from_file_location("_pctnet_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("patch, batch", [
+    ((16, 48, 48), 2),   # level-2 grid 8x12x12: shifted windows, padding in D (8 -> 12)
+    ((24, 112, 80), 1),  # 12x28x20: padding on every axis, shift masks at levels 2 and 3
+    ((8, 32, 32), 2),    # every grid smaller than the window: shrunken windows, no shift
+])
+def test_eval_outputs_equal_frozen_baseline(patch, batch):
+    baseline = _baseline_module()
+    torch.manual_seed(0)
+    old = baseline.PCTNet(1, 3, features_per_stage=SMALL).eval()
+    for module in old.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    new = PCTNet(1, 3, features_per_stage=SMALL).eval()
+    assert list(new.state_dict()) == list(old.state_dict())
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(batch, 1, *patch)
+    with torch.no_grad():
+        expected = old(x)
+        for _ in range(2):  # second call: cached masks
+            for ours, ref in zip(new(x), expected):
+                assert ours.shape == ref.shape
+                assert (ours - ref).abs().max().item() < 1e-5
+    # with gradients recorded (the explicit attention path of training) the forward is the same too
+    out = new(x)
+    for ours, ref in zip(out, expected):
+        assert (ours - ref).abs().max().item() < 1e-5
+    # the cached mask follows weight updates
+    with torch.no_grad():
+        for net in (old, new):
+            net.encoder.pct2.swin.blocks[1].attn.relative_position_bias_table.add_(0.5)
+        for ours, ref in zip(new(x), old(x)):
+            assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_training_gradients_match_frozen_baseline_without_dropout():
+    """No dropout / drop-path: training-mode outputs and every parameter gradient agree with the baseline."""
+    baseline = _baseline_module()
+    kwargs = dict(features_per_stage=SMALL, dropout=(0.0,) * 5, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    old = baseline.PCTNet(1, 3, **kwargs).train()
+    new = PCTNet(1, 3, **kwargs).train()
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(2, 1, 16, 48, 48)
+    for net in (old, new):
+        sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in net(x)).backward()
+    grads_old = dict(old.named_parameters())
+    # biases in front of a training-mode BatchNorm have an analytic gradient of 0 (pure rounding noise), so the
+    # tolerance is relative to the largest gradient of the network
+    scale = max(p.grad.abs().max().item() for p in old.parameters())
+    for name, p in new.named_parameters():
+        assert (p.grad - grads_old[name].grad).abs().max().item() < 1e-5 * scale, name
+    for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name  # BN running statistics
+
+
+def test_dropout_keeps_its_probability_and_scaling():
+    from nnunetv2_vf.architectures.pctnet import dropout
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = dropout(x, 0.2, True)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.8) < 4 * (0.8 * 0.2 / x.numel()) ** 0.5  # 4 standard errors
+    assert set(torch.unique(y).tolist()) == {0.0, 1.25}
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient flows through the kept elements, scaled the same way
+    torch.manual_seed(1)
+    a = dropout(torch.ones(1000), 0.5, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(torch.ones(1000), 0.5, True))  # torch.manual_seed makes it repeatable
+    assert dropout(x, 0.2, False) is x and dropout(x, 0.0, True) is x
+
+
+def test_training_mode_statistics_match_frozen_baseline():
+    """With dropout on, the outputs are random: their mean and spread over draws match the baseline's."""
+    baseline = _baseline_module()
+    torch.manual_seed(0)
+    old = baseline.PCTNet(1, 2, features_per_stage=SMALL, deep_supervision=False).train()
+    new = PCTNet(1, 2, features_per_stage=SMALL, deep_supervision=False).train()
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(2, 1, 16, 48, 48)
+    stats = []
+    for net in (old, new):
+        with torch.no_grad():
+            draws = torch.stack([net(x) for _ in range(12)])
+        stats.append((draws.mean(0), draws.std(0).mean()))
+    (mean_old, std_old), (mean_new, std_new) = stats
+    assert abs(std_new / std_old - 1) < 0.15
+    assert (mean_new - mean_old).abs().mean() < 0.5 * std_old
+
+
+def test_checkpoint_blocks_gives_the_same_step():
+    """Activation checkpointing: same outputs, gradients and BatchNorm statistics (running stats counted once)."""
+    torch.manual_seed(0)
+    plain = PCTNet(1, 3, features_per_stage=SMALL).train()
+    ckpt = PCTNet(1, 3, features_per_stage=SMALL, checkpoint_blocks=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.checkpoint_blocks and not plain.checkpoint_blocks
+    x = torch.randn(2, 1, 16, 48, 48)
+    results = []
+    for net in (plain, ckpt):
+        torch.manual_seed(3)  # same dropout / drop-path draws
+        out = net(x)
+        sum(o.mean() for o in out).backward()
+        results.append(([o.detach() for o in out], {n: p.grad for n, p in net.named_parameters()}))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], rtol=1e-5, atol=1e-7), name
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # no recording: checkpointing is skipped
+        ckpt.eval()(x)
+
+
+def test_prediction_in_inference_mode_then_training_in_the_same_process():
+    """Index/mask caches filled under torch.inference_mode() must still serve a training step afterwards."""
+    net = PCTNet(1, 2, features_per_stage=SMALL).eval()
+    x = torch.randn(1, 1, 24, 112, 80)  # shifted + padded windows at levels 2 and 3
+    with torch.inference_mode():
+        net(x)
+    net.train()
+    sum(o.mean() for o in net(x)).backward()
+    assert net.encoder.pct2.swin.blocks[0].attn.relative_position_bias_table.grad is not None

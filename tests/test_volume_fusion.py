@@ -1,6 +1,9 @@
 """Volume Fusion pretext task: fusion identity, label statistics, box scaling, seeding, workers, bad input."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -264,3 +267,57 @@ def test_bad_input_errors_name_problem_and_fix():
         volume_fusion(np.zeros((2, 1, 4, 4, 4), np.int16), rng)
     with pytest.raises(KeyError, match="data_key"):
         VolumeFusionTransform()(image=_batch())
+
+
+# ---------------------------------------------------------------------------------------------- frozen reference
+REFERENCE = Path(__file__).parent / "data" / "grid_fusion_reference.npz"
+
+
+def _reference_d_input():
+    """The larger reference input (> 2**16 voxels per channel, so the strided percentile probe is used); integer
+    arithmetic only, identical on every platform."""
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.int64) for n in (48, 48, 40)], indexing="ij")
+    v = (((z * 7 + y * 3 + x) % 11) * 5 + (z * y) % 13 + x // 4)[None, None].astype(np.float32)
+    return np.concatenate([v, v[:, :, ::-1] * 3 - 1], axis=0)
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c", "d"])
+def test_grid_fusion_matches_frozen_reference_bit_for_bit(case):
+    """``grid`` output and RNG draw order frozen from the implementation of 2026-11-26 (before the speed-up):
+    float32 / float64 batches, two channels, a constant channel, tied percentiles, a large crop. Same seed ->
+    the same bits, and the generator is left in the same state (the next draws agree)."""
+    ref = np.load(REFERENCE)
+    batch = _reference_d_input() if case == "d" else ref[f"{case}_input"]
+    rng = np.random.default_rng(int(ref[f"{case}_seed"]))
+    fused, labels = volume_fusion(batch, rng, "grid")
+    np.testing.assert_array_equal(labels, ref[f"{case}_labels"])
+    assert fused.dtype == batch.dtype
+    if case == "d":
+        assert fused.astype(np.float64).sum() == ref["d_fused_sum"]
+        digest = np.frombuffer(hashlib.sha256(np.ascontiguousarray(fused).tobytes()).digest(), dtype=np.uint8)
+        np.testing.assert_array_equal(digest, ref["d_fused_sha256"])
+    else:
+        np.testing.assert_array_equal(fused, ref[f"{case}_fused"])
+    np.testing.assert_array_equal(rng.integers(0, 2 ** 62, size=4), ref[f"{case}_next"])
+
+
+def test_fused_contrast_remap_equals_segment_lookup_at_the_knots():
+    """The fast remap (middle segment everywhere + masked fix-ups, float32 thresholds) gives the bits of the
+    per-voxel lookup, also for voxels exactly at / one float32 step around knots that float32 cannot represent."""
+    from nnunetv2_vf.pretrain.volume_fusion import _remap_into, _remap_lookup
+    rng = np.random.default_rng(0)
+    for knots in ([-3.0, 0.1, 0.7, 4.0], [-1.0, -0.3, 1e-8, 2.5], [0.0, 1.0 / 3, 2.0 / 3, 1.0]):
+        knots = np.asarray(knots, dtype=np.float64)
+        special = []
+        for k in knots[1:3]:
+            k32 = np.float32(k)
+            special += [k32, np.nextafter(k32, np.float32(-np.inf)), np.nextafter(k32, np.float32(np.inf))]
+        x = rng.uniform(knots[0], knots[3], size=4000).astype(np.float32)
+        x[:len(special)] = special
+        x = x.reshape(10, 20, 20)
+        out = np.empty_like(x)
+        _remap_into(x, knots, out)
+        np.testing.assert_array_equal(out, _remap_lookup(x, knots))
+        flipped = np.empty_like(x)
+        _remap_into(x, knots, np.flip(flipped, axis=(0, 2)))  # writing through a flipped view
+        np.testing.assert_array_equal(np.flip(flipped, axis=(0, 2)), out)

@@ -15,13 +15,16 @@ Differences from the authors' module, all deliberate:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_vf.checkpoint_io import read_weights_file
 
@@ -65,28 +68,160 @@ def _same_padding(kernel: Sequence[int]) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# dropout with cheap masks
+# ----------------------------------------------------------------------------------------------------------------
+def _scaled_mask(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return keep.view(torch.uint8).to(dtype).mul_(scale)  # bool -> float through uint8: one cheap pass
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * keep / (1 - p)``, saving only the boolean mask (1 byte per element instead of a float noise tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * _scaled_mask(keep, scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * _scaled_mask(keep, ctx.scale, grad.dtype), None, None
+
+
+def _keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
+    """Boolean CPU mask, False with probability ``p`` (to 2**-33): 32 random bits per element compared with
+    ``round(p * 2**32)``.
+
+    The bits come from numpy's SFC64 (``random_raw``: two elements per 64-bit draw), several times faster on CPU
+    than ``bernoulli_`` or ``torch.rand``, seeded from torch's default CPU generator: ``torch.manual_seed`` still
+    makes runs repeatable, and activation checkpointing (which restores torch's RNG state before recomputing)
+    draws the same mask again.
+    """
+    seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+    n = int(np.prod(shape))
+    bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(np.greater_equal(bits, np.uint32(round(p * 2 ** 32)))).view(tuple(shape))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Same distribution as ``F.dropout`` (each element zeroed with probability ``p``, survivors scaled by
+    ``1 / (1 - p)``). On CPU the mask is drawn by :func:`_keep_mask`; elsewhere (CUDA's fused kernel) and under
+    ``torch.compile`` it is ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, True)
+    return _MaskedScale.apply(x, _keep_mask(x.shape, p), 1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same attributes, no state) drawing its CPU masks with :func:`dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class _SharedSlopePReLU(torch.autograd.Function):
+    """PReLU with one slope, same forward (``F.prelu``); the backward uses the vectorised leaky-ReLU backward
+    kernel for the input gradient and ``clamp_max`` + ``dot`` for the slope, instead of ATen's PReLU backward,
+    which writes a full-size slope gradient and then reduces it (on one CPU thread about 5x less time)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.prelu(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # grad where x > 0, grad * slope elsewhere (exactly what prelu's kernel does)
+            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, float(weight.reshape(-1)[0]), False)
+        if ctx.needs_input_grad[1]:  # sum over x <= 0 of x * grad
+            grad_w = torch.dot(torch.clamp_max(x, 0).reshape(-1), grad.reshape(-1).to(x.dtype))
+            grad_w = grad_w.to(weight.dtype).view(weight.shape)
+        return grad_x, grad_w
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` (same parameter) with the cheaper CPU backward of :class:`_SharedSlopePReLU`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.numel() == 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _SharedSlopePReLU.apply(x, self.weight)
+        return F.prelu(x, self.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# activation checkpointing (opt-in)
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _running_stats_frozen(modules: Sequence[nn.Module]):
+    """BatchNorm running statistics left untouched (momentum 0 -> running * 1 + batch * 0, the exact old value; the
+    step counter restored): the recomputation of a checkpointed segment must not count the batch twice."""
+    norms = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+class _Checkpointable:
+    """Mixin of the blocks that activation checkpointing recomputes: ``_run`` goes through
+    ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved so that dropout draws the same masks when
+    recomputed) when ``checkpoint_blocks`` is set (by :class:`PCTNet`) and gradients are being recorded."""
+
+    checkpoint_blocks = False
+
+    def _run(self, modules: Sequence[nn.Module], fn, *args):
+        if not (self.checkpoint_blocks and self.training and torch.is_grad_enabled()):
+            return fn(*args)
+        calls = []
+
+        def segment(*inputs):
+            calls.append(None)
+            if len(calls) == 1:
+                return fn(*inputs)
+            with _running_stats_frozen(modules):  # recomputation in backward
+                return fn(*inputs)
+
+        return checkpoint(segment, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # convolutional building blocks (pre-activation: BatchNorm3d + PReLU with one shared slope)
 # ----------------------------------------------------------------------------------------------------------------
 class NormActConv(nn.Sequential):
     """BN -> PReLU -> Conv3d ("BPC" in the spec). Indices 0, 1, 2 match the reference layout."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
-        super().__init__(nn.BatchNorm3d(in_channels), nn.PReLU(),
+        super().__init__(nn.BatchNorm3d(in_channels), PReLU(),
                          nn.Conv3d(in_channels, out_channels, tuple(kernel), padding=_same_padding(kernel)))
 
 
-class ConvBlock(nn.Sequential):
+class ConvBlock(nn.Sequential, _Checkpointable):
     """BN, PReLU, Conv, BN, PReLU, Dropout, Conv; no residual (indices as in the reference)."""
 
     def __init__(self, channels: int, kernel: Sequence[int], dropout: float):
         kernel = tuple(kernel)
-        super().__init__(nn.BatchNorm3d(channels), nn.PReLU(),
+        super().__init__(nn.BatchNorm3d(channels), PReLU(),
                          nn.Conv3d(channels, channels, kernel, padding=_same_padding(kernel)),
-                         nn.BatchNorm3d(channels), nn.PReLU(), nn.Dropout(dropout),
+                         nn.BatchNorm3d(channels), PReLU(), Dropout(dropout),
                          nn.Conv3d(channels, channels, kernel, padding=_same_padding(kernel)))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run((self,), super().forward, x)
 
-class DownBlock(nn.Module):
+
+class DownBlock(nn.Module, _Checkpointable):
     """Max-pool by ``stride`` then NormActConv."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int], kernel: Sequence[int]):
@@ -95,21 +230,21 @@ class DownBlock(nn.Module):
         self.conv = NormActConv(in_channels, out_channels, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pool(x))
+        return self._run((self,), lambda t: self.conv(self.pool(t)), x)
 
 
-class UpCatBlock(nn.Module):
+class UpCatBlock(nn.Module, _Checkpointable):
     """Up-sample the deeper map to the skip's channels, concatenate [skip, up], fuse back to the skip's channels."""
 
     def __init__(self, skip_channels: int, deep_channels: int, stride: Sequence[int], kernel: Sequence[int]):
         super().__init__()
         stride = tuple(stride)
-        self.up = nn.Sequential(nn.BatchNorm3d(deep_channels), nn.PReLU(),
+        self.up = nn.Sequential(nn.BatchNorm3d(deep_channels), PReLU(),
                                 nn.ConvTranspose3d(deep_channels, skip_channels, stride, stride=stride))
         self.conv = NormActConv(2 * skip_channels, skip_channels, kernel)
 
     def forward(self, skip: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(deep)], dim=1))
+        return self._run((self,), lambda a, b: self.conv(torch.cat([a, self.up(b)], dim=1)), skip, deep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,18 +288,63 @@ def _partition(x: torch.Tensor, w: int) -> torch.Tensor:
     return x.reshape(-1, w ** 3, c)
 
 
-def _merge(windows: torch.Tensor, w: int, b: int, d: int, h: int, wd: int) -> torch.Tensor:
-    """Inverse of :func:`_partition`."""
-    x = windows.view(b, d // w, h // w, wd // w, w, w, w, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(b, d, h, wd, -1)
-
-
 def effective_window(grid: Sequence[int], window: int, shifted: bool) -> tuple[int, int]:
     """(window, shift) a block uses on a token grid: a grid side <= window shrinks the window and drops the shift."""
     smallest = min(grid)
     if smallest <= window:
         return smallest, 0
     return window, (window // 2 if shifted else 0)
+
+
+class _WindowLayout:
+    """Where every window slot reads its token, for one (grid, window, shift, device); built once and cached.
+
+    ``gather`` [nW * w**3] indexes the tokens [B, N (+1 zero row when padded), C] in window order (end padding,
+    cyclic shift by -shift and window partition in one ``index_select``); ``scatter`` [N] is the slot of every
+    token, i.e. window merge, reverse shift and crop in one ``index_select``. Pure data movement: the values are
+    exactly those of pad + roll + partition (and back), with two copies instead of six.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], window: int, shift: int, device: torch.device):
+        d, h, w = grid
+        n_tokens = d * h * w
+        pads = [(-s) % window for s in grid]
+        self.padded = tuple(s + p for s, p in zip(grid, pads))
+        self.pad = any(pads)
+        source = torch.arange(n_tokens, dtype=torch.long).view(d, h, w)
+        source = F.pad(source, (0, pads[2], 0, pads[1], 0, pads[0]), value=n_tokens)  # padding -> zero row
+        if shift:
+            source = torch.roll(source, shifts=(-shift,) * 3, dims=(0, 1, 2))
+        gather = _partition(source[None, ..., None], window).reshape(-1)
+        slot = torch.empty(n_tokens + 1, dtype=torch.long)
+        slot[gather] = torch.arange(gather.numel(), dtype=torch.long)
+        self.gather = gather.to(device)
+        self.scatter = slot[:n_tokens].to(device)
+        self.num_windows = gather.numel() // window ** 3
+
+
+# The cached index/mask tensors are built outside inference mode (``inference_mode(False)``): a first call under
+# ``torch.inference_mode()`` (prediction) must not leave inference tensors that training could not save for backward.
+@lru_cache(maxsize=64)
+def _window_layout(grid: tuple[int, int, int], window: int, shift: int, device: torch.device) -> _WindowLayout:
+    with torch.inference_mode(False):
+        return _WindowLayout(grid, window, shift, device)
+
+
+@lru_cache(maxsize=64)
+def _shift_mask(padded: tuple[int, int, int], window: int, shift: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """-100 between tokens of a window that were not neighbours before the cyclic shift (as the reference does),
+    0 elsewhere: [nW, 1, n, n]."""
+    with torch.inference_mode(False):
+        ids = _shift_region_ids(padded, window, shift).clone()
+        return ((ids[:, :, None] != ids[:, None, :]).to(dtype) * -100.0).unsqueeze(1).to(device)
+
+
+@lru_cache(maxsize=64)
+def _relative_position_index_on(window: int, table_window: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return _relative_position_index(window, table_window).reshape(-1).clone().to(device)
 
 
 class WindowAttention3D(nn.Module):
@@ -181,26 +361,57 @@ class WindowAttention3D(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.attn_drop = dropout
         self.proj = nn.Linear(channels, channels)
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = Dropout(dropout)
+        self._mask_cache: tuple | None = None
 
-    def forward(self, x: torch.Tensor, window: int, region_ids: torch.Tensor | None) -> torch.Tensor:
-        """x: [B * nW, window**3, C]; region_ids: [nW, window**3] when the windows were shifted."""
+    def _bias(self, window: int, device: torch.device) -> torch.Tensor:
+        """Relative-position bias [heads, n, n] (gathered from the table on every call: the table is trained)."""
+        n = window ** 3
+        index = _relative_position_index_on(window, self.window_size, device)
+        return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+
+    def _frozen_mask(self, window: int, region: torch.Tensor | None, batch: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+        """The 4D mask of the fused attention kernel when nothing needs its gradient: [1, heads, n, n] without
+        shift, [batch * nW, heads, n, n] with shift. Cached until the table changes (its version counter)."""
+        table = self.relative_position_bias_table
+        key = (window, None if region is None else (region.data_ptr(), region.shape), batch, dtype, device,
+               table.data_ptr(), table._version)
+        if self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        with torch.no_grad():
+            bias = self._bias(window, device).unsqueeze(0)
+            mask = bias if region is None else (bias + region).repeat(batch, 1, 1, 1)
+            mask = mask.to(dtype).contiguous()
+        self._mask_cache = (key, mask)
+        return mask
+
+    def forward(self, x: torch.Tensor, window: int, region: torch.Tensor | None) -> torch.Tensor:
+        """x: [B * nW, window**3, C] (windows of one sample consecutive); region: [nW, 1, n, n] shift mask or None."""
         bw, n, c = x.shape
-        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        index = _relative_position_index(window, self.window_size).to(x.device)
-        bias = self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # [heads, n, n]
-        if region_ids is None:
-            mask = bias.unsqueeze(0)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+        heads = self.num_heads
+        qkv = self.qkv(x).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B * nW, heads, n, hd]
+        p = self.attn_drop if self.training else 0.0
+        needs_bias_grad = torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad
+        if not needs_bias_grad and p == 0.0:
+            # 4D layout with a gradient-free mask: SDPA's fused kernel (a 5D or grad-requiring mask means math path)
+            nw = 1 if region is None else region.shape[0]
+            mask = self._frozen_mask(window, region, bw // nw, q.dtype, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            nw = region_ids.shape[0]
-            # -100 between tokens that were not neighbours before the cyclic shift (as the reference does)
-            region = (region_ids[:, :, None] != region_ids[:, None, :]).to(bias.dtype) * -100.0
-            mask = bias.unsqueeze(0) + region.unsqueeze(1)  # [nW, heads, n, n]
-            q, k, v = (t.view(bw // nw, nw, self.num_heads, n, -1) for t in (qkv[0], qkv[1], qkv[2]))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
-                                             dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
+            # the bias table is trained (or attention dropout is on): explicit attention, broadcasting the bias and
+            # the shift mask over the batch instead of materialising a [B * nW, heads, n, n] mask
+            scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+            mask = self._bias(window, x.device).unsqueeze(0).to(scores.dtype)
+            if region is not None:
+                mask = mask + region.to(scores.dtype)
+                nw = region.shape[0]
+                scores = (scores.view(bw // nw, nw, heads, n, n) + mask).view(bw, heads, n, n)
+            else:
+                scores = scores + mask
+            out = torch.matmul(dropout(scores.softmax(dim=-1), p, True), v)
+        out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
 
@@ -215,7 +426,7 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep.div_(1 - self.p)  # scale the [B, 1, 1] mask, not the tokens: one pass over x
 
 
 class Mlp(nn.Sequential):
@@ -224,12 +435,12 @@ class Mlp(nn.Sequential):
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.fc2 = nn.Linear(hidden, channels)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
 
-class SwinBlock3D(nn.Module):
+class SwinBlock3D(nn.Module, _Checkpointable):
     """Pre-norm 3D Swin block on tokens [B, D*H*W, C]; ``grid`` = (D, H, W) is given at call time."""
 
     def __init__(self, channels: int, num_heads: int, window_size: int, shifted: bool, dropout: float,
@@ -244,22 +455,19 @@ class SwinBlock3D(nn.Module):
         self.mlp = Mlp(channels, mlp_ratio, dropout)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        b, _, c = x.shape
-        d, h, w = grid
+        return self._run((self,), self._forward, x, tuple(grid))
+
+    def _forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        b, n_tokens, c = x.shape
         window, shift = effective_window(grid, self.window_size, self.shifted)
-        y = self.norm1(x).view(b, d, h, w, c)
-        pads = [(-s) % window for s in grid]
-        y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))  # padding at the end, after the norm
-        padded = tuple(s + p for s, p in zip(grid, pads))
-        region_ids = None
-        if shift:
-            y = torch.roll(y, shifts=(-shift,) * 3, dims=(1, 2, 3))
-            region_ids = _shift_region_ids(padded, window, shift).to(x.device)
-        y = self.attn(_partition(y, window), window, region_ids)
-        y = _merge(y, window, b, *padded)
-        if shift:
-            y = torch.roll(y, shifts=(shift,) * 3, dims=(1, 2, 3))
-        y = y[:, :d, :h, :w].reshape(b, d * h * w, c)
+        layout = _window_layout(tuple(grid), window, shift, x.device)
+        y = self.norm1(x)  # padding (zeros) comes after the norm, as before
+        if layout.pad:
+            y = torch.cat([y, y.new_zeros(b, 1, c)], dim=1)
+        y = y.index_select(1, layout.gather).view(b * layout.num_windows, window ** 3, c)
+        region = _shift_mask(layout.padded, window, shift, x.device, y.dtype) if shift else None
+        y = self.attn(y, window, region)
+        y = y.view(b, -1, c).index_select(1, layout.scatter)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -285,7 +493,7 @@ class PCTBlock(nn.Module):
                  drop_path: float):
         super().__init__()
         self.conv = ConvBlock(channels, (3, 3, 3), dropout)
-        self.token_drop = nn.Dropout(dropout)
+        self.token_drop = Dropout(dropout)
         self.swin = SwinStage3D(channels, depth, num_heads, window_size, dropout, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +506,7 @@ class SegHeadNormAct(nn.Sequential):
     """The BN + PReLU in front of each classifier (transferable; the 1x1x1 conv itself is a seg layer)."""
 
     def __init__(self, channels: int):
-        super().__init__(nn.BatchNorm3d(channels), nn.PReLU())
+        super().__init__(nn.BatchNorm3d(channels), PReLU())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +549,7 @@ class PCTNetEncoder(nn.Module):
         return [e2, e3, self.pct4(self.down4(e3))]
 
 
-class PCTNetDecoder(nn.Module):
+class PCTNetDecoder(nn.Module, _Checkpointable):
     """PCT decoder blocks at 1/8 and 1/4, convolutional head blocks at 1/2 and full resolution, 4 classifiers."""
 
     def __init__(self, num_classes, features, resolution_mode, depths, num_heads, window_size, dropout, drop_path,
@@ -370,10 +578,11 @@ class PCTNetDecoder(nn.Module):
         d2 = self.pct2(self.up2(e2, d3))
         h1 = self.conv1(self.up1(x1, d2))
         h0 = self.conv0(self.up0(x0, h1))
-        out = self._classify(0, h0)
+        out = self._run((self.heads[0],), self._classify, 0, h0)
         if not self.deep_supervision:
             return out
-        return [out, self._classify(1, h1), self._classify(2, d2), self._classify(3, d3)]
+        return [out] + [self._run((self.heads[level],), self._classify, level, feature)
+                        for level, feature in ((1, h1), (2, d2), (3, d3))]
 
 
 class PCTNet(nn.Module):
@@ -382,13 +591,20 @@ class PCTNet(nn.Module):
 
     ``strides`` is accepted so that nnU-Net plans (whose ``arch_kwargs`` must carry ``strides`` for the deep
     supervision scales) can instantiate this class directly; it must equal ``pctnet_strides(resolution_mode)``.
+
+    ``checkpoint_blocks`` (default off; also settable as an attribute) recomputes every block (conv blocks,
+    down/up blocks, Swin blocks, classifier heads) in the backward pass instead of keeping its activations (``torch.utils.checkpoint``, non-reentrant):
+    less training memory for more time, identical outputs and gradients (dropout masks are redrawn from the
+    restored RNG state; BatchNorm running statistics are updated once). It changes no weights, so it can be
+    switched in nnU-Net plans' ``arch_kwargs``.
     """
 
     def __init__(self, input_channels: int, num_classes: int,
                  features_per_stage: Sequence[int] = (24, 48, 128, 256, 512), resolution_mode: int = 1,
                  dropout: Sequence[float] = (0.0, 0.0, 0.2, 0.2, 0.2), depths: Sequence[int] = (2, 2, 2),
                  num_heads: Sequence[int] = (4, 8, 16), window_size: int = 6, deep_supervision: bool = True,
-                 drop_path_rate: float = 0.2, strides: Sequence[Sequence[int]] | None = None):
+                 drop_path_rate: float = 0.2, strides: Sequence[Sequence[int]] | None = None,
+                 checkpoint_blocks: bool = False):
         super().__init__()
         if len(features_per_stage) != 5 or len(dropout) != 5:
             raise ValueError("PCTNet has 5 levels: features_per_stage and dropout need 5 entries each")
@@ -406,6 +622,17 @@ class PCTNet(nn.Module):
         self.encoder = PCTNetEncoder(features_per_stage, depths, num_heads, window_size, dropout, drop_path_rate)
         self.decoder = PCTNetDecoder(num_classes, features_per_stage, resolution_mode, depths, num_heads,
                                      window_size, dropout, drop_path_rate, deep_supervision)
+        self.checkpoint_blocks = checkpoint_blocks
+
+    @property
+    def checkpoint_blocks(self) -> bool:
+        return self.stem.conv0.checkpoint_blocks
+
+    @checkpoint_blocks.setter
+    def checkpoint_blocks(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, _Checkpointable):
+                module.checkpoint_blocks = bool(enabled)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:

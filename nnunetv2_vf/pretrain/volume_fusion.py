@@ -148,25 +148,66 @@ def grid_block_labels(shape: Sequence[int], rng: np.random.Generator) -> np.ndar
 # ----------------------------------------------------------------------------------------------------------------
 # crop augmentation of the "grid" variant
 # ----------------------------------------------------------------------------------------------------------------
-def _contrast_remap(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Piecewise-linear remap of one channel: [min, q_lo, q_hi, max] -> [0, 0.1, 0.9, 1] (float32, clipped)."""
-    step = max(1, int(np.ceil((x.size / _PERCENTILE_MAX_VOXELS) ** (1 / 3))))
-    probe = x[::step, ::step, ::step]
+def _contrast_knots(probe: np.ndarray, rng: np.random.Generator, x_min: float, x_max: float
+                    ) -> Optional[np.ndarray]:
+    """Knots [min, q_lo, q_hi, max] (float64, strictly increasing) of the contrast remap, which maps them to
+    [0, 0.1, 0.9, 1]: percentiles ``U(0.1, 2)`` and ``U(98, 99.9)`` of ``probe``; None for a constant crop."""
     p_lo = rng.uniform(*GRID_LOW_PERCENTILE_RANGE)
     p_hi = rng.uniform(*GRID_HIGH_PERCENTILE_RANGE)
     q_lo, q_hi = np.percentile(probe, [p_lo, p_hi])
-    x_min, x_max = float(x.min()), float(x.max())
     if x_max <= x_min:  # constant crop: nothing to remap
-        return np.zeros(x.shape, dtype=np.float32)
+        return None
     # knots must increase; ties (e.g. a zero-padded background) are separated by a tiny step.
     eps = (x_max - x_min) * 1e-6
     knots = np.array([x_min, q_lo, q_hi, x_max], dtype=np.float64)
     for i in range(1, 4):
         knots[i] = max(knots[i], knots[i - 1] + eps)
+    return knots
+
+
+def _float32_below_or_equal(value: float) -> np.float32:
+    """The largest float32 <= ``value``: for float32 ``x``, ``x > value`` (compared in float64) iff ``x > this``."""
+    v = np.float32(value)
+    if float(v) > value:
+        v = np.nextafter(v, np.float32(-np.inf))
+    return v
+
+
+def _probe(x: np.ndarray) -> np.ndarray:
+    step = max(1, int(np.ceil((x.size / _PERCENTILE_MAX_VOXELS) ** (1 / 3))))
+    return x[::step, ::step, ::step]
+
+
+def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
+    """``out = clip(slope[seg] * x + intercept[seg], 0, 1)`` in float32, seg = segment of ``x`` between the knots.
+
+    Bit-identical to a per-voxel segment lookup (each voxel sees the same float32 multiply and add), but computed
+    as the middle segment everywhere plus a masked fix-up of the few voxels below ``q_lo`` / above ``q_hi``: no
+    index arrays, no gathers over the whole crop. ``out`` may be a (flipped) view; it must not alias ``x``.
+    """
+    targets = np.array([0.0, 0.1, 0.9, 1.0])
+    slopes64 = np.diff(targets) / np.diff(knots)
+    slopes = slopes64.astype(np.float32)
+    intercepts = (targets[:3] - slopes64 * knots[:3]).astype(np.float32)
+    k_lo = _float32_below_or_equal(knots[1])
+    k_hi = _float32_below_or_equal(knots[2])
+    np.multiply(x, slopes[1], out=out)
+    out += intercepts[1]
+    for mask, seg in ((x <= k_lo, 0), (x > k_hi, 2)):  # knots[2] > knots[1]: the two sets are disjoint
+        if mask.any():
+            part = x[mask]
+            part *= slopes[seg]
+            part += intercepts[seg]
+            out[mask] = part
+    np.clip(out, 0.0, 1.0, out=out)
+
+
+def _remap_lookup(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Reference form of :func:`_remap_into`: the per-voxel segment lookup the grid crops used before 2026-11-26
+    (kept for the equivalence test and for readability)."""
     targets = np.array([0.0, 0.1, 0.9, 1.0])
     slopes = np.diff(targets) / np.diff(knots)
     intercepts = targets[:3] - slopes * knots[:3]
-    # segment lookup + one multiply-add: half the cost of np.interp on a 1M-voxel crop
     segment = (x > knots[1]).astype(np.int8)
     segment += x > knots[2]
     out = slopes.astype(np.float32)[segment]
@@ -184,45 +225,55 @@ def _gamma(x: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def grid_augmented_crop(volume: np.ndarray, output_shape: Sequence[int], rng: np.random.Generator,
-                        invert: bool = False) -> np.ndarray:
+                        invert: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
     """One augmented crop of a [C, D, H, W] ``volume`` with spatial ``output_shape``, intensities in [0, 1].
 
     Per axis scale ``s ~ U(0.7, 1.5)``; a crop of ``min(round(out * s), volume)`` voxels at a random position is
     resized (trilinear) to ``output_shape``; each axis flipped with p = 0.5; each channel remapped piecewise
     linearly between two random percentiles to [0, 1], then gamma ``g ~ U(0.7, 1.5)``; ``invert`` maps x -> 1 - x
-    (the caller decides, so that both crops of a pair are inverted together).
+    (the caller decides, so that both crops of a pair are inverted together). ``out``: optional float32
+    [C, *output_shape] array to write into (returned).
     """
     volume = np.asarray(volume)
     if volume.ndim != 4:
         raise ValueError(f"expected one sample [C, D, H, W], got shape {volume.shape}")
-    out = np.asarray(_check_spatial_shape(output_shape))
+    out_shape = np.asarray(_check_spatial_shape(output_shape))
     spatial = np.asarray(volume.shape[1:])
     scale = rng.uniform(*GRID_SCALE_RANGE, size=3)
-    crop = np.clip(np.round(out * scale).astype(np.int64), 1, spatial)
+    crop = np.clip(np.round(out_shape * scale).astype(np.int64), 1, spatial)
     start = rng.integers(0, spatial - crop + 1)
     region = (slice(None),) + tuple(slice(s, s + c) for s, c in zip(start, crop))
     cropped = torch.from_numpy(np.ascontiguousarray(volume[region], dtype=np.float32))
-    if tuple(crop) != tuple(out):
-        cropped = torch.nn.functional.interpolate(cropped[None], size=tuple(int(o) for o in out),
+    if tuple(crop) != tuple(out_shape):
+        cropped = torch.nn.functional.interpolate(cropped[None], size=tuple(int(o) for o in out_shape),
                                                   mode="trilinear", align_corners=False)[0]
     x = cropped.numpy()
     flip_axes = tuple(1 + a for a in range(3) if rng.uniform() < GRID_P_FLIP)
-    if flip_axes:
-        x = np.flip(x, axis=flip_axes)
-    result = np.empty(x.shape, dtype=np.float32)
+    result = np.empty(x.shape, dtype=np.float32) if out is None else out
+    # the remap is voxel-wise: compute it on the unflipped crop and write through a flipped view of the result
+    # (one strided pass instead of strided reads in every step); only the percentile probe, whose sub-grid
+    # depends on the orientation, is taken from the flipped crop, as before.
+    target = np.flip(result, axis=flip_axes) if flip_axes else result
+    flipped = np.flip(x, axis=flip_axes) if flip_axes else x
     for c in range(x.shape[0]):
-        result[c] = _gamma(_contrast_remap(x[c], rng), rng.uniform(*GRID_GAMMA_RANGE))
+        knots = _contrast_knots(_probe(flipped[c]), rng, float(x[c].min()), float(x[c].max()))
+        if knots is None:
+            result[c] = 0.0
+        else:
+            _remap_into(x[c], knots, target[c])
+        _gamma(result[c], rng.uniform(*GRID_GAMMA_RANGE))
     if invert:
         np.subtract(1.0, result, out=result)
     return result
 
 
-def _grid_pair(sample: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def _grid_pair(sample: np.ndarray, rng: np.random.Generator, foreground: Optional[np.ndarray] = None,
+               background: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(foreground, background): two independently augmented crops of ``sample``, inverted together (p=0.25)."""
     invert = bool(rng.uniform() < GRID_P_INVERT)
     shape = sample.shape[1:]
-    foreground = grid_augmented_crop(sample, shape, rng, invert)
-    background = grid_augmented_crop(sample, shape, rng, invert)
+    foreground = grid_augmented_crop(sample, shape, rng, invert, out=foreground)
+    background = grid_augmented_crop(sample, shape, rng, invert, out=background)
     return foreground, background
 
 
@@ -240,6 +291,18 @@ def fuse(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray, dty
     alpha = labels.astype(compute) / (NUM_FUSION_CLASSES - 1)
     fused = alpha * foreground.astype(compute, copy=False) + (1 - alpha) * background.astype(compute, copy=False)
     return fused.astype(dtype, copy=False)
+
+
+def _fuse_float32_in_place(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`fuse` for float32 sources that may be overwritten: the same float32 operations (``labels / 4`` is
+    exact, so ``* 0.25`` gives the same alpha), computed in place; returns ``foreground`` holding the result."""
+    alpha = labels.astype(np.float32)
+    alpha *= np.float32(0.25)
+    beta = np.subtract(np.float32(1), alpha)
+    foreground *= alpha
+    background *= beta
+    foreground += background
+    return foreground
 
 
 def _validate_batch(batch: np.ndarray, variant: str) -> None:
@@ -281,10 +344,14 @@ def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "p
         background = batch
         foreground = np.roll(batch, 1, axis=0)
     else:
-        pairs = [_grid_pair(sample, rng) for sample in batch]
+        # the crops are written straight into the stacked arrays (no per-sample arrays and np.stack copies)
+        foreground = np.empty(batch.shape, dtype=np.float32)
+        background = np.empty(batch.shape, dtype=np.float32)
+        for n, sample in enumerate(batch):
+            _grid_pair(sample, rng, foreground[n], background[n])
         labels = np.stack([grid_block_labels(spatial, rng) for _ in range(batch.shape[0])])[:, None]
-        foreground = np.stack([p[0] for p in pairs])
-        background = np.stack([p[1] for p in pairs])
+        if batch.dtype == np.float32 and not return_sources:
+            return _fuse_float32_in_place(background, foreground, labels), labels
     fused = fuse(background, foreground, labels, dtype=batch.dtype)
     if return_sources:
         return fused, labels, foreground, background

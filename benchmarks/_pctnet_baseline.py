@@ -1,0 +1,533 @@
+"""PCT-Net: parallel convolution and transformer network (MIS-FM, Wang et al., arXiv:2306.16925).
+
+Written from ``shared/spec/pctnet.md``.  Tensor layout is [B, C, D, H, W] throughout (depth first, as nnU-Net
+stores volumes); the transformer branch works on tokens [B, D*H*W, C].
+
+Differences from the authors' module, all deliberate:
+- only the stem and head of the chosen resolution mode exist (the reference stores three of each, two unused);
+- window partition, padding and shift masks are computed from the actual input, so one set of weights runs on any
+  patch whose sides are divisible by :func:`required_divisibility`;
+- relative-position tables always have the full ``(2 * window_size - 1) ** 3`` rows; a block whose token grid is
+  smaller than the window uses the central part of the same table, so weights never depend on the patch size;
+- the unused per-block LayerNorm of the reference is not created;
+- the final 1x1x1 classifiers live in ``decoder.seg_layers`` (nnU-Net's ``-pretrained_weights`` skips them) and
+  their norm/activation in ``decoder.heads`` (those transfer).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_vf.checkpoint_io import read_weights_file
+
+__all__ = ["PCTNet", "pctnet_strides", "required_divisibility", "fit_patch_size", "load_misfm_weights",
+           "convert_misfm_state_dict", "misfm_relative_position_index"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# geometry helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _planar(resolution_mode: int, level: int) -> bool:
+    """Levels below the resolution mode convolve in-plane only (1x3x3)."""
+    return level < resolution_mode
+
+
+def pctnet_strides(resolution_mode: int) -> list[list[int]]:
+    """Down-sampling per level in nnU-Net's ``pool_op_kernel_sizes`` form (level 0 first, [1,1,1])."""
+    if resolution_mode not in (0, 1, 2):
+        raise ValueError(f"resolution_mode must be 0, 1 or 2, got {resolution_mode}")
+    return [[1, 1, 1]] + [[1, 2, 2] if _planar(resolution_mode, lvl) else [2, 2, 2] for lvl in range(4)]
+
+
+def required_divisibility(resolution_mode: int) -> tuple[int, int, int]:
+    """Patch sides (D, H, W) must be multiples of these: the total down-sampling per axis."""
+    total = torch.tensor(pctnet_strides(resolution_mode)).prod(0)
+    return tuple(int(t) for t in total)
+
+
+def fit_patch_size(patch_size: Sequence[int], resolution_mode: int) -> list[int]:
+    """Round each patch side up to the next multiple the network accepts."""
+    div = required_divisibility(resolution_mode)
+    return [int(-(-int(p) // d) * d) for p, d in zip(patch_size, div)]
+
+
+def _kernel(planar: bool) -> tuple[int, int, int]:
+    return (1, 3, 3) if planar else (3, 3, 3)
+
+
+def _same_padding(kernel: Sequence[int]) -> tuple[int, ...]:
+    return tuple(k // 2 for k in kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convolutional building blocks (pre-activation: BatchNorm3d + PReLU with one shared slope)
+# ----------------------------------------------------------------------------------------------------------------
+class NormActConv(nn.Sequential):
+    """BN -> PReLU -> Conv3d ("BPC" in the spec). Indices 0, 1, 2 match the reference layout."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
+        super().__init__(nn.BatchNorm3d(in_channels), nn.PReLU(),
+                         nn.Conv3d(in_channels, out_channels, tuple(kernel), padding=_same_padding(kernel)))
+
+
+class ConvBlock(nn.Sequential):
+    """BN, PReLU, Conv, BN, PReLU, Dropout, Conv; no residual (indices as in the reference)."""
+
+    def __init__(self, channels: int, kernel: Sequence[int], dropout: float):
+        kernel = tuple(kernel)
+        super().__init__(nn.BatchNorm3d(channels), nn.PReLU(),
+                         nn.Conv3d(channels, channels, kernel, padding=_same_padding(kernel)),
+                         nn.BatchNorm3d(channels), nn.PReLU(), nn.Dropout(dropout),
+                         nn.Conv3d(channels, channels, kernel, padding=_same_padding(kernel)))
+
+
+class DownBlock(nn.Module):
+    """Max-pool by ``stride`` then NormActConv."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int], kernel: Sequence[int]):
+        super().__init__()
+        self.pool = nn.MaxPool3d(tuple(stride))
+        self.conv = NormActConv(in_channels, out_channels, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class UpCatBlock(nn.Module):
+    """Up-sample the deeper map to the skip's channels, concatenate [skip, up], fuse back to the skip's channels."""
+
+    def __init__(self, skip_channels: int, deep_channels: int, stride: Sequence[int], kernel: Sequence[int]):
+        super().__init__()
+        stride = tuple(stride)
+        self.up = nn.Sequential(nn.BatchNorm3d(deep_channels), nn.PReLU(),
+                                nn.ConvTranspose3d(deep_channels, skip_channels, stride, stride=stride))
+        self.conv = NormActConv(2 * skip_channels, skip_channels, kernel)
+
+    def forward(self, skip: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(deep)], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3D Swin transformer
+# ----------------------------------------------------------------------------------------------------------------
+def misfm_relative_position_index(window: int, table_window: int | None = None) -> torch.Tensor:
+    """Row of the bias table for every pair of tokens in a ``window**3`` window: [window**3, window**3].
+
+    Reproduces the reference's quirk (row = a*(3w-1) + b*(2w-1) + c rather than a*(2w-1)**2 + ...) so that its
+    published tables mean the same thing here.  ``table_window`` (default ``window``) is the window the table was
+    built for; a smaller effective window indexes the centre of that table.
+    """
+    return _relative_position_index(int(window), int(table_window or window)).clone()
+
+
+@lru_cache(maxsize=16)
+def _relative_position_index(window: int, table_window: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(*[torch.arange(window)] * 3, indexing="ij")).flatten(1)  # [3, w^3]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)  # [w^3, w^3, 3]
+    return rel[..., 0] * (3 * table_window - 1) + rel[..., 1] * (2 * table_window - 1) + rel[..., 2]
+
+
+@lru_cache(maxsize=32)
+def _shift_region_ids(padded: tuple[int, int, int], window: int, shift: int) -> torch.Tensor:
+    """Region id per token of each window after the cyclic shift: [num_windows, window**3]."""
+    ids = torch.zeros(padded, dtype=torch.long)
+    count = 0
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for d in bounds:
+        for h in bounds:
+            for w in bounds:
+                ids[d, h, w] = count
+                count += 1
+    return _partition(ids[None, ..., None], window).squeeze(-1)
+
+
+def _partition(x: torch.Tensor, w: int) -> torch.Tensor:
+    """[B, D, H, W, C] (sides multiples of w) -> [B * nW, w**3, C]."""
+    b, d, h, wd, c = x.shape
+    x = x.view(b, d // w, w, h // w, w, wd // w, w, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, w ** 3, c)
+
+
+def _merge(windows: torch.Tensor, w: int, b: int, d: int, h: int, wd: int) -> torch.Tensor:
+    """Inverse of :func:`_partition`."""
+    x = windows.view(b, d // w, h // w, wd // w, w, w, w, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, d, h, wd, -1)
+
+
+def effective_window(grid: Sequence[int], window: int, shifted: bool) -> tuple[int, int]:
+    """(window, shift) a block uses on a token grid: a grid side <= window shrinks the window and drops the shift."""
+    smallest = min(grid)
+    if smallest <= window:
+        return smallest, 0
+    return window, (window // 2 if shifted else 0)
+
+
+class WindowAttention3D(nn.Module):
+    """Multi-head self-attention inside cubic windows with a learned relative-position bias."""
+
+    def __init__(self, channels: int, num_heads: int, window_size: int, dropout: float):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 3, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.attn_drop = dropout
+        self.proj = nn.Linear(channels, channels)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, window: int, region_ids: torch.Tensor | None) -> torch.Tensor:
+        """x: [B * nW, window**3, C]; region_ids: [nW, window**3] when the windows were shifted."""
+        bw, n, c = x.shape
+        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        index = _relative_position_index(window, self.window_size).to(x.device)
+        bias = self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # [heads, n, n]
+        if region_ids is None:
+            mask = bias.unsqueeze(0)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            nw = region_ids.shape[0]
+            # -100 between tokens that were not neighbours before the cyclic shift (as the reference does)
+            region = (region_ids[:, :, None] != region_ids[:, None, :]).to(bias.dtype) * -100.0
+            mask = bias.unsqueeze(0) + region.unsqueeze(1)  # [nW, heads, n, n]
+            q, k, v = (t.view(bw // nw, nw, self.num_heads, n, -1) for t in (qkv[0], qkv[1], qkv[2]))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (residual branch dropped with probability p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, channels: int, ratio: float, dropout: float):
+        hidden = int(channels * ratio)
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.drop2 = nn.Dropout(dropout)
+
+
+class SwinBlock3D(nn.Module):
+    """Pre-norm 3D Swin block on tokens [B, D*H*W, C]; ``grid`` = (D, H, W) is given at call time."""
+
+    def __init__(self, channels: int, num_heads: int, window_size: int, shifted: bool, dropout: float,
+                 drop_path: float, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.window_size = window_size
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(channels)
+        self.attn = WindowAttention3D(channels, num_heads, window_size, dropout)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = Mlp(channels, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        b, _, c = x.shape
+        d, h, w = grid
+        window, shift = effective_window(grid, self.window_size, self.shifted)
+        y = self.norm1(x).view(b, d, h, w, c)
+        pads = [(-s) % window for s in grid]
+        y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))  # padding at the end, after the norm
+        padded = tuple(s + p for s, p in zip(grid, pads))
+        region_ids = None
+        if shift:
+            y = torch.roll(y, shifts=(-shift,) * 3, dims=(1, 2, 3))
+            region_ids = _shift_region_ids(padded, window, shift).to(x.device)
+        y = self.attn(_partition(y, window), window, region_ids)
+        y = _merge(y, window, b, *padded)
+        if shift:
+            y = torch.roll(y, shifts=(shift,) * 3, dims=(1, 2, 3))
+        y = y[:, :d, :h, :w].reshape(b, d * h * w, c)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage3D(nn.Module):
+    def __init__(self, channels: int, depth: int, num_heads: int, window_size: int, dropout: float,
+                 drop_path: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock3D(channels, num_heads, window_size, shifted=(i % 2 == 1), dropout=dropout,
+                        drop_path=drop_path) for i in range(depth))
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        for block in self.blocks:
+            tokens = block(tokens, grid)
+        return tokens
+
+
+class PCTBlock(nn.Module):
+    """A ConvBlock and a Swin stage on the same input, summed (no outer residual)."""
+
+    def __init__(self, channels: int, depth: int, num_heads: int, window_size: int, dropout: float,
+                 drop_path: float):
+        super().__init__()
+        self.conv = ConvBlock(channels, (3, 3, 3), dropout)
+        self.token_drop = nn.Dropout(dropout)
+        self.swin = SwinStage3D(channels, depth, num_heads, window_size, dropout, drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        tokens = self.swin(self.token_drop(x.flatten(2).transpose(1, 2)), (d, h, w))
+        return self.conv(x) + tokens.transpose(1, 2).reshape(b, c, d, h, w)
+
+
+class SegHeadNormAct(nn.Sequential):
+    """The BN + PReLU in front of each classifier (transferable; the 1x1x1 conv itself is a seg layer)."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.BatchNorm3d(channels), nn.PReLU())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the network
+# ----------------------------------------------------------------------------------------------------------------
+class PCTNetStem(nn.Module):
+    """Multi-scale convolutional embedding: full resolution, 1/2 and 1/4 (x0, x1, x2)."""
+
+    def __init__(self, input_channels: int, features: Sequence[int], resolution_mode: int,
+                 dropout: Sequence[float]):
+        super().__init__()
+        strides = pctnet_strides(resolution_mode)
+        k0, k1 = _kernel(_planar(resolution_mode, 0)), _kernel(_planar(resolution_mode, 1))
+        self.proj = nn.Conv3d(input_channels, features[0], k0, padding=_same_padding(k0))
+        self.conv0 = ConvBlock(features[0], k0, dropout[0])
+        self.down1 = DownBlock(features[0], features[1], strides[1], k1)
+        self.conv1 = ConvBlock(features[1], k1, dropout[1])
+        self.down2 = DownBlock(features[1], features[2], strides[2], (3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x0 = self.conv0(self.proj(x))
+        x1 = self.conv1(self.down1(x0))
+        return [x0, x1, self.down2(x1)]
+
+
+class PCTNetEncoder(nn.Module):
+    """Levels 2-4 of the pyramid: PCT blocks with down-sampling in between."""
+
+    def __init__(self, features, depths, num_heads, window_size, dropout, drop_path):
+        super().__init__()
+        self.pct2 = PCTBlock(features[2], depths[0], num_heads[0], window_size, dropout[2], drop_path)
+        self.down3 = DownBlock(features[2], features[3], (2, 2, 2), (3, 3, 3))
+        self.pct3 = PCTBlock(features[3], depths[1], num_heads[1], window_size, dropout[3], drop_path)
+        self.down4 = DownBlock(features[3], features[4], (2, 2, 2), (3, 3, 3))
+        self.pct4 = PCTBlock(features[4], depths[2], num_heads[2], window_size, dropout[4], drop_path)
+
+    def forward(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        e2 = self.pct2(x2)
+        e3 = self.pct3(self.down3(e2))
+        return [e2, e3, self.pct4(self.down4(e3))]
+
+
+class PCTNetDecoder(nn.Module):
+    """PCT decoder blocks at 1/8 and 1/4, convolutional head blocks at 1/2 and full resolution, 4 classifiers."""
+
+    def __init__(self, num_classes, features, resolution_mode, depths, num_heads, window_size, dropout, drop_path,
+                 deep_supervision: bool):
+        super().__init__()
+        strides = pctnet_strides(resolution_mode)
+        k0, k1 = _kernel(_planar(resolution_mode, 0)), _kernel(_planar(resolution_mode, 1))
+        self.deep_supervision = deep_supervision
+        self.up3 = UpCatBlock(features[3], features[4], (2, 2, 2), (3, 3, 3))
+        self.pct3 = PCTBlock(features[3], depths[1], num_heads[1], window_size, dropout[3], drop_path)
+        self.up2 = UpCatBlock(features[2], features[3], (2, 2, 2), (3, 3, 3))
+        self.pct2 = PCTBlock(features[2], depths[0], num_heads[0], window_size, dropout[2], drop_path)
+        self.up1 = UpCatBlock(features[1], features[2], strides[2], k1)
+        self.conv1 = ConvBlock(features[1], k1, dropout[1])
+        self.up0 = UpCatBlock(features[0], features[1], strides[1], k0)
+        self.conv0 = ConvBlock(features[0], k0, dropout[0])
+        self.heads = nn.ModuleList(SegHeadNormAct(f) for f in features[:4])
+        self.seg_layers = nn.ModuleList(nn.Conv3d(f, num_classes, 1) for f in features[:4])
+
+    def _classify(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_layers[level](self.heads[level](x))
+
+    def forward(self, skips: list[torch.Tensor]):
+        x0, x1, e2, e3, e4 = skips
+        d3 = self.pct3(self.up3(e3, e4))
+        d2 = self.pct2(self.up2(e2, d3))
+        h1 = self.conv1(self.up1(x1, d2))
+        h0 = self.conv0(self.up0(x0, h1))
+        out = self._classify(0, h0)
+        if not self.deep_supervision:
+            return out
+        return [out, self._classify(1, h1), self._classify(2, d2), self._classify(3, d3)]
+
+
+class PCTNet(nn.Module):
+    """PCT-Net for nnU-Net: input [B, C, D, H, W]; output logits at full resolution, or with deep supervision
+    a list of four (scales 1, 1/2, 1/4, 1/8 of the level-0 grid, highest resolution first).
+
+    ``strides`` is accepted so that nnU-Net plans (whose ``arch_kwargs`` must carry ``strides`` for the deep
+    supervision scales) can instantiate this class directly; it must equal ``pctnet_strides(resolution_mode)``.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int,
+                 features_per_stage: Sequence[int] = (24, 48, 128, 256, 512), resolution_mode: int = 1,
+                 dropout: Sequence[float] = (0.0, 0.0, 0.2, 0.2, 0.2), depths: Sequence[int] = (2, 2, 2),
+                 num_heads: Sequence[int] = (4, 8, 16), window_size: int = 6, deep_supervision: bool = True,
+                 drop_path_rate: float = 0.2, strides: Sequence[Sequence[int]] | None = None):
+        super().__init__()
+        if len(features_per_stage) != 5 or len(dropout) != 5:
+            raise ValueError("PCTNet has 5 levels: features_per_stage and dropout need 5 entries each")
+        if len(depths) != 3 or len(num_heads) != 3:
+            raise ValueError("PCTNet has PCT blocks on levels 2-4: depths and num_heads need 3 entries each")
+        expected = pctnet_strides(resolution_mode)
+        if strides is not None and [list(map(int, s)) for s in strides] != expected:
+            raise ValueError(f"strides {strides} do not match resolution_mode {resolution_mode} "
+                             f"(expected {expected}); regenerate the plans' architecture with PCTNetTrainer")
+        self.input_channels = input_channels
+        self.num_classes = num_classes
+        self.resolution_mode = resolution_mode
+        self.divisibility = required_divisibility(resolution_mode)
+        self.stem = PCTNetStem(input_channels, features_per_stage, resolution_mode, dropout)
+        self.encoder = PCTNetEncoder(features_per_stage, depths, num_heads, window_size, dropout, drop_path_rate)
+        self.decoder = PCTNetDecoder(num_classes, features_per_stage, resolution_mode, depths, num_heads,
+                                     window_size, dropout, drop_path_rate, deep_supervision)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"PCTNet is a 3D network and expects input [B, C, D, H, W]; got shape "
+                             f"{tuple(x.shape)}. For 2D data use nnU-Net's 2d configuration with another "
+                             f"trainer, or add a depth axis.")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"PCTNet was built for {self.input_channels} input channel(s) but got {x.shape[1]}; "
+                             f"the dataset's channel_names must match the network (rebuild it or check the "
+                             f"input files/modalities).")
+        bad = [(s, d) for s, d in zip(x.shape[2:], self.divisibility) if s % d]
+        if bad:
+            raise ValueError(f"PCTNet (resolution_mode {self.resolution_mode}) needs patch sides divisible by "
+                             f"{self.divisibility} (D, H, W); got {tuple(x.shape[2:])}. Use "
+                             f"fit_patch_size(patch, {self.resolution_mode}) -> "
+                             f"{fit_patch_size(x.shape[2:], self.resolution_mode)}.")
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        x0, x1, x2 = self.stem(x)
+        e2, e3, e4 = self.encoder(x2)
+        return self.decoder([x0, x1, e2, e3, e4])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the authors' published weights
+# ----------------------------------------------------------------------------------------------------------------
+def _reference_key_map(resolution_mode: int, depths: Sequence[int]) -> dict[str, str]:
+    """Reference prefix -> our prefix (the rest of each key, e.g. ``.0.weight``, is rewritten by rules below)."""
+    r = resolution_mode
+    mapping = {
+        f"embeddings.{r}.proj.": "stem.proj.",
+        f"embeddings.{r}.conv0.conv_conv.": "stem.conv0.",
+        f"embeddings.{r}.down1.conv.": "stem.down1.conv.",
+        f"embeddings.{r}.conv1.conv_conv.": "stem.conv1.",
+        f"embeddings.{r}.down2.conv.": "stem.down2.conv.",
+        "pyramid_ct.down3.conv.": "encoder.down3.conv.",
+        "pyramid_ct.down4.conv.": "encoder.down4.conv.",
+        "pyramid_ct.up4.": "decoder.up3.",
+        "pyramid_ct.up3.": "decoder.up2.",
+        f"pred_heads.{r}.up2.": "decoder.up1.",
+        f"pred_heads.{r}.up1.": "decoder.up0.",
+        f"pred_heads.{r}.conv1.conv_conv.": "decoder.conv1.",
+        f"pred_heads.{r}.conv0.conv_conv.": "decoder.conv0.",
+    }
+    for ref, ours in (("e2", "encoder.pct2"), ("e3", "encoder.pct3"), ("e4", "encoder.pct4"),
+                      ("d3", "decoder.pct3"), ("d2", "decoder.pct2")):
+        mapping[f"pyramid_ct.convtrans_{ref}.conv.conv_conv."] = f"{ours}.conv."
+        mapping[f"pyramid_ct.convtrans_{ref}.trans.blocks."] = f"{ours}.swin.blocks."
+    for level, ref in ((0, f"pred_heads.{r}.out_conv0"), (1, f"pred_heads.{r}.out_conv1"),
+                       (2, "pyramid_ct.out_conv2"), (3, "pyramid_ct.out_conv3")):
+        mapping[f"{ref}.conv.0."] = f"decoder.heads.{level}.0."
+        mapping[f"{ref}.conv.1."] = f"decoder.heads.{level}.1."
+        mapping[f"{ref}.conv.2."] = f"decoder.seg_layers.{level}."
+    return mapping
+
+
+def convert_misfm_state_dict(reference: dict, resolution_mode: int = 1,
+                             depths: Sequence[int] = (2, 2, 2)) -> dict[str, torch.Tensor]:
+    """Rename the authors' PCT-Net state_dict to this module's keys (pure function).
+
+    Keys of the other resolution modes' stems/heads and the never-used per-block LayerNorms are dropped; each
+    ``relative_position_index`` buffer is checked against the quirk this module reproduces, then dropped.
+    """
+    mapping = _reference_key_map(resolution_mode, depths)
+    # longest prefix first so e.g. "...conv.0." does not shadow "...conv.conv_conv."
+    prefixes = sorted(mapping, key=len, reverse=True)
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in reference.items():
+        if key.endswith("relative_position_index"):
+            window = round(value.shape[0] ** (1 / 3))
+            if not torch.equal(value.cpu(), misfm_relative_position_index(window)):
+                raise ValueError(f"{key}: the checkpoint's relative-position index differs from the MIS-FM layout "
+                                 f"this converter reproduces; it was not produced by the reference PCT-Net")
+            continue
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            continue  # other resolution modes, unused norm_layer
+        converted[mapping[prefix] + key[len(prefix):]] = value
+    return converted
+
+
+def _load_checkpoint_file(checkpoint: str | os.PathLike) -> dict:
+    return read_weights_file(checkpoint, "PCT-Net weights file",
+                             "download the authors' pctnet_ct10k_volf.pt (openmedlab/MIS-FM) or give the path of a "
+                             "local copy", "fetch it again")
+
+
+def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = False) -> dict:
+    """Load the authors' PCT-Net checkpoint (path, or dict with ``model_state_dict``) into ``model`` (a PCTNet).
+
+    Every non-classifier tensor must match by name and shape, otherwise a ValueError lists the mismatches.  The
+    1x1x1 classifiers (``decoder.seg_layers``) are loaded only when their shapes match (same class count), or
+    required to with ``strict_classifier``.  Returns a report dict (loaded / skipped classifier keys).
+    """
+    if not isinstance(model, PCTNet):
+        raise TypeError(f"load_misfm_weights expects a PCTNet, got {type(model).__name__}")
+    state = _load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    if not isinstance(state, dict) or not any(k.startswith("pyramid_ct.") for k in state):
+        keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"this checkpoint is not a MIS-FM PCT-Net state_dict (no 'pyramid_ct.*' keys; first keys: "
+                         f"{keys}). For a checkpoint written by nnU-Net or nnUNetv2_vf_pretrain use "
+                         f"'-pretrained_weights' / load_state_dict(ckpt['network_weights']) instead.")
+    depths = [len(model.encoder.pct2.swin.blocks), len(model.encoder.pct3.swin.blocks),
+              len(model.encoder.pct4.swin.blocks)]
+    converted = convert_misfm_state_dict(state, model.resolution_mode, depths)
+    own = model.state_dict()
+    problems = []
+    for key, value in own.items():
+        if key not in converted:
+            problems.append(f"missing in checkpoint: {key} {tuple(value.shape)}")
+        elif converted[key].shape != value.shape and (".seg_layers." not in key or strict_classifier):
+            problems.append(f"shape mismatch: {key} checkpoint {tuple(converted[key].shape)} vs model "
+                            f"{tuple(value.shape)}")
+    problems += [f"unexpected in checkpoint: {k}" for k in converted if k not in own]
+    if problems:
+        shown = "\n  ".join(problems[:40]) + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
+        raise ValueError(f"the checkpoint does not fit this PCTNet ({len(problems)} problem(s)); build the network "
+                         f"with the checkpoint's features_per_stage / resolution_mode / depths / heads:\n  {shown}")
+    skipped = [k for k in converted if ".seg_layers." in k and converted[k].shape != own[k].shape]
+    loadable = {k: v for k, v in converted.items() if k not in skipped}
+    model.load_state_dict(loadable, strict=False)
+    return {"loaded": sorted(loadable), "skipped_classifier": skipped}
