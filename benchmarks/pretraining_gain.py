@@ -1,21 +1,24 @@
-"""Does Volume Fusion pretraining help when labels are scarce?  Pretrained vs from-scratch PCT-Net, same run.
+"""Does Volume Fusion pretraining help when labels are scarce?  Seeded, paired: VF-pretrained vs from-scratch.
 
-1. ``nnUNetv2_vf_pretrain`` on the unlabelled development images (labels ignored; the validation cases are left
-   out of pretraining too).
-2. One nnU-Net dataset with max(budgets) training cases + a fixed validation set; ``splits_final.json`` has one
-   fold per label budget (fold i = the first ``budgets[i]`` cases, validation always the same cases).
-3. ``nnUNetv2_vf_adapt_plans`` + ``nnUNetv2_preprocess``: both arms use exactly the same plans (network,
-   patch, normalisation), so the only difference is the initialisation.
-4. For each budget and repeat: ``nnUNetv2_train ... -tr TRAINER -p nnUNetPlans_VF`` with and without
-   ``-pretrained_weights``; nnU-Net's own validation (``fold_X/validation/summary.json``, foreground mean Dice).
+1. ``nnUNetv2_vf_pretrain`` on every unlabelled development image of ``--pretrain-datasets`` except the validation
+   cases of those datasets (labels are never read). ``--pretrained DIR`` reuses a finished pretraining run.
+2. One nnU-Net dataset with max(budgets) training cases + a fixed validation set; ``splits_final.json`` has one fold
+   per label budget (fold i = the first ``budgets[i]`` training cases, validation always the same cases).
+3. ``nnUNetv2_vf_adapt_plans`` + ``nnUNetv2_preprocess``: both arms use exactly the same plans (network, patch,
+   normalisation).
+4. For each budget and seed: ``nnUNetv2_train ... -tr TRAINER_seedS -p nnUNetPlans_VF`` without (scratch) and with
+   ``-pretrained_weights`` (pretrained). The same seed means the same initialisation of the classifier, the same
+   batches and the same augmentation, so the arms differ only in their initial weights.
+5. Per budget: per-case paired differences (pretrained - scratch, Dice averaged over foreground classes, same cases,
+   same seeds), their mean and a 95 % bootstrap interval over seeds x cases (``nnunetv2_vf.paired_stats``), and a
+   learning curve (nnU-Net's pseudo validation Dice per epoch, both arms, mean and min-max over seeds).
 
-The baseline is the same PCT-Net trained from scratch in the same run; the printed ratio is pretrained / scratch.
-nnU-Net does not seed its runs: repeats differ by initialisation and sampling.
+Results go to ``benchmarks/results/pretraining_gain_<setting>.{json,md}`` and ``..._curves.png``; a gain is claimed
+only where the interval excludes zero.
 
-    python benchmarks/pretraining_gain.py                                  # CPU default (42 min on 2 idle cores)
-    python benchmarks/pretraining_gain.py --budgets 8 --repeats 1 --pretrain-iterations 150 \
-        --trainer VFPretrainedTrainer_small_3epochs                      # smoke, ~10 min on an idle CPU
-    python benchmarks/pretraining_gain.py --setting gpu --device cuda       # GPU setting (left atrium)
+    python benchmarks/pretraining_gain.py                      # CPU study (hippocampus; see README for the time)
+    python benchmarks/pretraining_gain.py --setting smoke      # minutes: checks the pipeline, no conclusion
+    python benchmarks/pretraining_gain.py --setting gpu --device cuda   # left atrium, paper PCT-Net
 """
 from __future__ import annotations
 
@@ -23,84 +26,123 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import RESULTS_DIR, Arm, Study, plot_learning_curves, validation_split, write_report  # noqa: E402
 
+SMALL = [8, 16, 32, 64, 128]
 SETTINGS = {
-    # small PCT-Net, hippocampus MRI (35x50x36 voxels), 10 epochs x 15 iterations of fine-tuning
-    "cpu": dict(dataset="Dataset004_Hippocampus", budgets=[4, 8, 16], repeats=2, val_cases=20,
-                pretrain_iterations=300, pretrain_patch=[16, 32, 32], pretrain_batch=2,
-                features=[8, 16, 32, 64, 128], trainer="VFPretrainedTrainer_small_10epochs", device="cpu",
-                lr_step=20000, num_workers=0),
-    # paper PCT-Net, left atrium LGE-MRI, 100 epochs; the MIS-FM demo used 72 training cases
-    "gpu": dict(dataset="Dataset010_LeftAtrium", budgets=[4, 8, 16, 32], repeats=3, val_cases=16,
+    # small PCT-Net on hippocampus MRI; pretraining on the hippocampus AND left-atrium MRI of ../shared/data
+    "cpu": dict(dataset="Dataset004_Hippocampus", budgets=[2, 4, 8], seeds=[0, 1, 2], val_cases=20,
+                pretrain_datasets={"Dataset004_Hippocampus": 20, "Dataset010_LeftAtrium": 16},
+                pretrain_iterations=2400, pretrain_patch=[16, 32, 32], pretrain_batch=4, features=SMALL,
+                trainer="VFPretrainedTrainer_small_10epochs", iterations_per_epoch=15, device="cpu",
+                lr_step=1000, num_workers=0, val_every=100),
+    # the whole pipeline in minutes (CI-sized): no conclusion can be drawn from it
+    "smoke": dict(dataset="Dataset004_Hippocampus", budgets=[2], seeds=[0], val_cases=3,
+                  pretrain_datasets={"Dataset004_Hippocampus": 3}, pretrain_images=12,
+                  pretrain_iterations=4, pretrain_patch=[16, 32, 32], pretrain_batch=2, features=SMALL,
+                  trainer="VFPretrainedTrainer_small_2epochs", iterations_per_epoch=4, device="cpu",
+                  lr_step=1000, num_workers=0, val_every=2),
+    # the GPU check's last minutes: left atrium, small PCT-Net, short pretraining, 4 labelled cases, 2 seeds
+    "gpu-mini": dict(dataset="Dataset010_LeftAtrium", budgets=[4], seeds=[0, 1], val_cases=16,
+                     pretrain_datasets={"Dataset010_LeftAtrium": 16}, pretrain_iterations=1000,
+                     pretrain_patch=[32, 64, 64], pretrain_batch=4, features=SMALL,
+                     trainer="VFPretrainedTrainer_small_10epochs", iterations_per_epoch=15, device="cuda",
+                     lr_step=500, num_workers=8, val_every=100),
+    # paper PCT-Net, left atrium LGE-MRI (the MIS-FM demo target), 100 epochs
+    "gpu": dict(dataset="Dataset010_LeftAtrium", budgets=[4, 8, 16, 32], seeds=[0, 1, 2], val_cases=16,
+                pretrain_datasets={"Dataset010_LeftAtrium": 16, "Dataset004_Hippocampus": 20},
                 pretrain_iterations=20000, pretrain_patch=[64, 128, 128], pretrain_batch=4,
-                features=[24, 48, 128, 256, 512], trainer="VFPretrainedTrainer_100epochs", device="cuda",
-                lr_step=5000, num_workers=8),
+                features=[24, 48, 128, 256, 512], trainer="VFPretrainedTrainer_100epochs",
+                iterations_per_epoch=250, device="cuda", lr_step=5000, num_workers=8, val_every=500),
 }
 DATASET_ID = 951
 PLANS = "nnUNetPlans_VF"
 
 
+def pretraining_images(shared: Path, datasets: dict, target: Path, limit: int | None = None) -> int:
+    """Symlink every image of ``datasets`` except their validation cases into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name, n_val in datasets.items():
+        source = shared / "data" / name
+        val_ids, _ = validation_split(source, n_val)
+        for f in sorted((source / "imagesTr").iterdir()):
+            if limit is not None and n >= limit:
+                break
+            if not any(f.name.startswith(v + "_") for v in val_ids):
+                if not (target / f.name).exists():
+                    os.symlink(f, target / f.name)
+                n += 1
+    return n
+
+
+def pretext_curve(pretrain_dir: Path) -> dict:
+    """The pretraining's fixed-set fusion Dice and loss per validation point (its own checkpoint log)."""
+    import torch
+    ckpt = pretrain_dir / "checkpoint_latest.pth"
+    if not ckpt.is_file():
+        return {}
+    logs = torch.load(ckpt, map_location="cpu", weights_only=False)["logs"]
+    return {k: [float(x) for x in logs[k]] for k in ("iteration", "val_dice", "train_loss") if k in logs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    p.add_argument("--budgets", type=int, nargs="+")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--val-cases", type=int)
-    p.add_argument("--pretrain-iterations", type=int)
-    p.add_argument("--trainer")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu", help="study size (default: %(default)s)")
+    p.add_argument("--budgets", type=int, nargs="+", help="labelled training cases per fold (default: setting's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
+    p.add_argument("--trainer", help="base fine-tuning trainer; its _seedN variants are used (default: setting's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
+    p.add_argument("--pretrained", help="a finished nnUNetv2_vf_pretrain output folder to reuse (skips step 1)")
     p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
-                   help="folder holding data/<dataset> (development data)")
-    p.add_argument("--workdir", default="/tmp/vf_pretraining_gain")
-    p.add_argument("--keep", action="store_true", help="reuse an existing workdir (pretraining, preprocessing)")
-    p.add_argument("--output-json", default=None)
+                   help="folder holding data/<dataset> (default: ../shared beside the checkout)")
+    p.add_argument("--workdir", default="/tmp/vf_pretraining_gain", help="nnU-Net folders (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help="reuse the workdir and the runs already finished")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
     args = p.parse_args()
     s = dict(SETTINGS[args.setting])
-    for key in ("budgets", "repeats", "val_cases", "pretrain_iterations", "trainer", "device"):
+    for key in ("budgets", "seeds", "trainer", "device"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
 
     from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
-    work = Path(args.workdir)
+    work, shared = Path(args.workdir), Path(args.shared)
     if work.exists() and not args.keep:
         shutil.rmtree(work)
-    env = nnunet_environment(work, extra={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
-    source = Path(args.shared) / "data" / s["dataset"]
-    ending = json.loads((source / "dataset.json").read_text())["file_ending"]
-    all_ids = sorted(f.name[: -len(ending)] for f in (source / "labelsTr").iterdir() if f.name.endswith(ending))
-    rng = np.random.default_rng(0)
-    order = [all_ids[i] for i in rng.permutation(len(all_ids))]
-    val_ids = order[: s["val_cases"]]
-    train_ids = order[s["val_cases"]: s["val_cases"] + max(s["budgets"])]
+    env = nnunet_environment(work, extra={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                             str(os.cpu_count() or 1))})
+    source = shared / "data" / s["dataset"]
+    val_ids, rest = validation_split(source, s["val_cases"])
+    train_ids = rest[: max(s["budgets"])]
     timings = {}
 
-    # 1. pretraining on every development image except the validation cases
-    unlabelled = work / "unlabelled"
-    pretrain_dir = work / "pretrain"
+    # 1. pretraining
     t0 = time.time()
+    pretrain_dir = Path(args.pretrained) if args.pretrained else work / "pretrain"
     if not (pretrain_dir / "checkpoint_final.pth").is_file():
-        unlabelled.mkdir(parents=True, exist_ok=True)
-        for f in (source / "imagesTr").iterdir():
-            if not any(f.name.startswith(v + "_") for v in val_ids):
-                dst = unlabelled / f.name
-                if not dst.exists():
-                    os.symlink(f, dst)
-        run_nnunet(["nnUNetv2_vf_pretrain", unlabelled, "-o", pretrain_dir,
+        if args.pretrained:
+            raise SystemExit(f"--pretrained {pretrain_dir} holds no checkpoint_final.pth")
+        n = pretraining_images(shared, s["pretrain_datasets"], work / "unlabelled", s.get("pretrain_images"))
+        print(f"step 1: VF pretraining on {n} unlabelled images (validation cases left out)", flush=True)
+        resume = ["--continue"] if (pretrain_dir / "config.json").is_file() else []  # an interrupted run
+        run_nnunet(["nnUNetv2_vf_pretrain", work / "unlabelled", "-o", pretrain_dir, *resume,
                     "--iterations", s["pretrain_iterations"], "--batch-size", s["pretrain_batch"],
                     "--patch-size", *s["pretrain_patch"], "--features", *s["features"], "--modality", "MR",
                     "--device", s["device"], "--num-workers", s["num_workers"], "--lr-step", s["lr_step"],
-                    "--val-every", max(1, s["pretrain_iterations"] // 10)], env, log_file=work / "pretrain.log")
-    timings["pretraining_s"] = time.time() - t0
+                    "--val-every", s["val_every"]], env, log_file=work / "pretrain.log", echo=False)
+    timings["pretraining_s"] = round(time.time() - t0)
 
-    # 2./3. labelled dataset, splits (one fold per budget), adapted plans
+    # 2./3. labelled dataset, one fold per budget, adapted plans
     t0 = time.time()
     name = f"Dataset{DATASET_ID:03d}_VFGain"
     pre_dir = Path(env["nnUNet_preprocessed"]) / name
     if not (pre_dir / f"{PLANS}.json").is_file():
+        print("step 2: nnU-Net dataset, plans adapted to the pretraining, preprocessing", flush=True)
         make_subset_dataset(source, env["nnUNet_raw"], DATASET_ID, "VFGain", train_ids + val_ids)
         run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env,
                    log_file=work / "prepare.log", echo=False)
@@ -110,46 +152,41 @@ def main() -> None:
                     "-p", PLANS], env, log_file=work / "prepare.log", echo=False)
         run_nnunet(["nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"],
                    env, log_file=work / "prepare.log", echo=False)
-    timings["prepare_s"] = time.time() - t0
+    timings["prepare_s"] = round(time.time() - t0)
 
-    # 4. fine-tuning with / without the pretrained weights
-    results = {"setting": s, "runs": []}
-    model_dir = Path(env["nnUNet_results"]) / name / f"{s['trainer']}__{PLANS}__3d_fullres"
-    for fold, budget in enumerate(s["budgets"]):
-        for repeat in range(s["repeats"]):
-            for arm in ("scratch", "pretrained"):
-                cmd = ["nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", s["trainer"], "-p", PLANS,
-                       "-device", s["device"]]
-                if arm == "pretrained":
-                    cmd += ["-pretrained_weights", pretrain_dir / "checkpoint_final.pth"]
-                t0 = time.time()
-                run_nnunet(cmd, env, log_file=work / f"train_{budget}_{repeat}_{arm}.log", echo=False)
-                seconds = time.time() - t0
-                summary = json.loads((model_dir / f"fold_{fold}" / "validation" / "summary.json").read_text())
-                dice = summary["foreground_mean"]["Dice"]
-                per_class = {k: v["Dice"] for k, v in summary["mean"].items()}
-                os.replace(model_dir / f"fold_{fold}", model_dir / f"fold_{fold}_{arm}_r{repeat}")
-                results["runs"].append({"budget": budget, "repeat": repeat, "arm": arm, "dice": dice,
-                                        "dice_per_class": per_class, "seconds": seconds})
-                print(f"budget {budget:3d} repeat {repeat} {arm:10s}: validation Dice {dice:.4f} "
-                      f"({seconds:.0f} s)", flush=True)
+    # 4. fine-tuning, seeded and paired
+    weights = pretrain_dir / "checkpoint_final.pth"
+    study = Study(name=f"pretraining_gain_{args.setting}", dataset_id=DATASET_ID, dataset_name=name,
+                  configuration="3d_fullres", plans=PLANS, trainer=s["trainer"], budgets=s["budgets"],
+                  seeds=s["seeds"], device=s["device"], env=env, log_dir=work,
+                  arms=[Arm("scratch"), Arm("pretrained", lambda seed: ["-pretrained_weights", weights])])
+    study.load(work / "runs.json", keep=args.keep)
+    t0 = time.time()
+    study.run_all()
+    timings["finetuning_s"] = round(time.time() - t0)
 
-    print("\nlabelled cases | scratch Dice (mean +- sd) | pretrained Dice | ratio pretrained/scratch")
-    summary_rows = []
-    for budget in s["budgets"]:
-        sc = [r["dice"] for r in results["runs"] if r["budget"] == budget and r["arm"] == "scratch"]
-        pt = [r["dice"] for r in results["runs"] if r["budget"] == budget and r["arm"] == "pretrained"]
-        ratio = np.mean(pt) / max(np.mean(sc), 1e-8)
-        summary_rows.append({"budget": budget, "scratch": float(np.mean(sc)), "pretrained": float(np.mean(pt)),
-                             "ratio": float(ratio)})
-        print(f"{budget:14d} | {np.mean(sc):.4f} +- {np.std(sc):.4f}        | {np.mean(pt):.4f} +- {np.std(pt):.4f}"
-              f" | {ratio:.3f}")
-    results["summary"] = summary_rows
-    results["timings"] = timings
-    print(f"pretraining {timings['pretraining_s']:.0f} s, preparation {timings['prepare_s']:.0f} s")
-    out = Path(args.output_json) if args.output_json else work / "pretraining_gain.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results: {out}")
+    # 5. paired statistics, curves, report
+    comparisons = [c for b in s["budgets"] if (c := study.compare(b, "pretrained", "scratch"))]
+    results_dir = Path(args.results_dir)
+    figure = f"{study.name}_curves.png"
+    plot_learning_curves(study, s["iterations_per_epoch"], results_dir / figure,
+                         f"VF-pretrained vs scratch, {s['trainer']}, {s['dataset']}")
+    pretext = pretext_curve(pretrain_dir)
+    header = (f"# Volume Fusion pretraining gain ({args.setting} setting)\n\n"
+              f"Dataset {s['dataset']}: validation cases {', '.join(val_ids)}; labelled training cases (nested, "
+              f"first N per budget) {', '.join(train_ids)}. Fine-tuning trainer {s['trainer']}_seed"
+              f"{{{','.join(map(str, s['seeds']))}}}, plans {PLANS} (same network and patch for both arms). "
+              f"Pretraining: {pretrain_dir}, fixed-set fusion Dice "
+              + (" -> ".join(f"{d:.3f}@{i}" for i, d in zip(pretext.get('iteration', []),
+                                                           pretext.get('val_dice', []))) or "n/a")
+              + f". Times: {timings}.")
+    report = write_report(study.name, header, comparisons,
+                          {"setting": s, "val_ids": val_ids, "train_ids": train_ids, "timings": timings,
+                           "pretext_curve": pretext, "runs": study.results["runs"]}, results_dir, [figure])
+    for c in comparisons:
+        print(f"{c['budget']:3d} labelled: pretrained {c['treatment_mean']:.3f} vs scratch {c['control_mean']:.3f}: "
+              f"{c['statement']}")
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

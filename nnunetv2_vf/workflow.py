@@ -48,6 +48,34 @@ def console_script(name: str) -> str:
     return found
 
 
+def _entry_point(name: str) -> str | None:
+    """``module:function`` of a console script, from installed metadata or this checkout's pyproject.toml."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="console_scripts"):
+        if ep.name == name:
+            return ep.value
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+        return tomllib.loads(pyproject.read_text())["project"]["scripts"].get(name)
+    return None
+
+
+def command_line(name: str) -> list[str]:
+    """How to start a console script: its installed executable, or, where only the packages are importable (an
+    offline machine with wheels unpacked onto PYTHONPATH, a checkout that is not pip-installed), this interpreter
+    running the script's entry point."""
+    try:
+        return [console_script(name)]
+    except FileNotFoundError:
+        target = _entry_point(name)
+        if target is None:
+            raise
+    module, function = target.split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; "
+                                  f"sys.exit(main())"]
+
+
 def command_environment(args: Sequence[str], env: dict) -> dict:
     """The environment :func:`run_nnunet` really gives the command ``args`` (``env`` itself unless noted)."""
     if "plan" in str(args[0]) and env.get("nnUNet_n_proc_DA") == "0":
@@ -67,7 +95,7 @@ def run_nnunet(args: Sequence[str], env: dict, log_file: str | os.PathLike | Non
     ``on_start(args, env)`` is called just before the process starts, with the console-script name, the arguments
     as strings and the environment it really gets (e.g. to print a copy-pasteable command).
     """
-    cmd = [console_script(args[0]), *map(str, args[1:])]
+    cmd = [*command_line(str(args[0])), *map(str, args[1:])]
     env = command_environment(args, env)
     if on_start is not None:
         on_start([str(args[0]), *map(str, args[1:])], env)

@@ -619,10 +619,14 @@ class VFPretrainer:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=self.rank != 0, desc="VF pretraining",
                    dynamic_ncols=True)
         interval_losses, recent, t0 = [], [], time.time()
+        self._data_wait = 0.0  # seconds of this interval spent waiting for the augmenter
         self.network.train()
         try:
             while self.iteration < cfg.iterations:
-                loss = self._train_step(next(augmenter))
+                t_wait = time.perf_counter()
+                batch = next(augmenter)
+                self._data_wait += time.perf_counter() - t_wait
+                loss = self._train_step(batch)  # .item() synchronises, so step times are real on CUDA too
                 self.iteration += 1
                 interval_losses.append(loss)
                 recent.append(loss)
@@ -636,7 +640,7 @@ class VFPretrainer:
                     recent = []
                 if self.iteration % cfg.val_every == 0 or done:
                     self._end_interval(interval_losses, t0)
-                    interval_losses, t0 = [], time.time()
+                    interval_losses, t0, self._data_wait = [], time.time(), 0.0
                 if self.iteration % save_every == 0 or done:
                     self.save_checkpoint()
         finally:
@@ -673,6 +677,7 @@ class VFPretrainer:
         return loss.item()
 
     def _end_interval(self, losses: list, t0: float) -> None:
+        elapsed = time.time() - t0  # the interval's training steps, before validation
         if self.rank == 0:
             val_loss, val_dice = self.validate()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -681,10 +686,13 @@ class VFPretrainer:
             self.logs["val_loss"].append(val_loss)
             self.logs["val_dice"].append(val_dice)
             self.logs["lr"].append(lr)
-            self.logs["sec_per_it"].append((time.time() - t0) / max(1, len(losses)))
+            self.logs["sec_per_it"].append(elapsed / max(1, len(losses)))
+            wait = 100 * self._data_wait / max(elapsed, 1e-9)
+            self.logs.setdefault("data_wait_percent", []).append(wait)
             self.log(f"iteration {self.iteration}/{self.cfg.iterations}: train loss {np.mean(losses):.4f}, "
                      f"val loss {val_loss:.4f}, val mean Dice {val_dice:.4f}, lr {lr:.2e}, "
-                     f"{self.logs['sec_per_it'][-1]:.2f} s/it")
+                     f"{self.logs['sec_per_it'][-1]:.2f} s/it ({1 / max(self.logs['sec_per_it'][-1], 1e-9):.2f} "
+                     f"it/s), data wait {wait:.1f} % of step time")
             self.plot_progress()
         if self.is_ddp:
             dist.barrier()

@@ -35,6 +35,7 @@ from nnunetv2_vf.trainers.progress import ProgressLines
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
+           "EncoderUNet2DTrainer_20epochs", "EncoderUNet3DTrainer_10epochs",
            "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
            "DepthStackUNetTrainer_2epochs",
            "with_encoder_unet_architecture", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
@@ -331,3 +332,18 @@ class EncoderUNet2DTrainer_5epochs(TrainingBudget, EncoderUNet2DTrainer):
 
     cpu_batch_size = 16
     budget = (5, 10, 2)
+
+
+class EncoderUNet2DTrainer_20epochs(NoMirroring, TrainingBudget, EncoderUNet2DTrainer):
+    """CPU study size (benchmarks/imagenet_init_accuracy.py): 20 epochs x 25 iterations of batch 16, no mirroring."""
+
+    cpu_batch_size = 16
+    budget = (20, 25, 5)
+
+
+class EncoderUNet3DTrainer_10epochs(NoMirroring, TrainingBudget, EncoderUNet3DTrainer):
+    """CPU study size for DX-Net: 10 epochs x 15 iterations of batch 2 at 24x32x24, no mirroring."""
+
+    cpu_batch_size = 2
+    cpu_patch_size = (24, 32, 24)
+    budget = (10, 15, 3)

@@ -19,7 +19,8 @@ from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.progress import ProgressLines
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
-__all__ = ["PCTNetTrainer", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs", "PCTNetTrainer_small_10epochs",
+__all__ = ["PCTNetTrainer", "PCTNetTrainer_2epochs", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs",
+           "PCTNetTrainer_small_10epochs",
            "PCTNET_CLASS_NAME", "with_pctnet_architecture"]
 
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
@@ -105,3 +106,10 @@ class PCTNetTrainer_small_10epochs(NoMirroring, TrainingBudget, PCTNetTrainer_sm
     a 32x48x32 patch)."""
 
     budget = (10, 15, 3)
+
+
+class PCTNetTrainer_2epochs(TrainingBudget, PCTNetTrainer):
+    """GPU check size (benchmarks/gpu_check.py): the paper PCT-Net, 2 epochs x 50 iterations, nnU-Net's
+    mirroring and test-time mirroring kept."""
+
+    budget = (2, 50, 10)
