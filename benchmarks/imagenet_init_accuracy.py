@@ -48,6 +48,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu", help="study size (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
+    p.add_argument("--budgets-2d", type=int, nargs="+", help="labelled cases per 2D fold (default: setting's)")
+    p.add_argument("--budgets-3d", type=int, nargs="+", help="labelled cases per 3D fold, a subset of the 2D ones "
+                                                             "(default: setting's)")
     p.add_argument("--parts", nargs="+", choices=["2d", "3d"], default=["2d", "3d"],
                    help="which parts to run (3d needs the 2d runs of the same budgets) (default: both)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
@@ -58,7 +61,7 @@ def main() -> None:
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
     args = p.parse_args()
     s = dict(SETTINGS[args.setting])
-    for key in ("seeds", "device"):
+    for key in ("seeds", "device", "budgets_2d", "budgets_3d"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     if not set(s["budgets_3d"]) <= set(s["budgets_2d"]):
@@ -105,8 +108,18 @@ def main() -> None:
     extra["runs_2d"] = study2d.results["runs"]
 
     def checkpoint_2d(budget: int):
-        return lambda seed: ["-pretrained_weights", Path(study2d.done(budget, seed, "imagenet")["model_dir"]) /
-                             "checkpoint_final.pth"]
+        """-pretrained_weights for the from_2d arm: the 2D imagenet run of this budget and seed, converted to the 3D
+        network by nnUNetv2_vf_inflate_checkpoint (same encoder env as the arm), then loaded by nnU-Net's own loader."""
+        def args(seed: int) -> list:
+            source = Path(study2d.done(budget, seed, "imagenet")["model_dir"]) / "checkpoint_final.pth"
+            inflated = work / "inflated" / f"from_2d_budget{budget}_seed{seed}.pth"
+            if not inflated.is_file() or inflated.stat().st_mtime < source.stat().st_mtime:
+                inflated.parent.mkdir(parents=True, exist_ok=True)
+                run_nnunet(["nnUNetv2_vf_inflate_checkpoint", source, "-d", DATASET_ID, "-p", "nnUNetPlans", "-c",
+                            "3d_fullres", "-o", inflated, "-tr", s["trainer_3d"]], dict(env, **ENCODER),
+                           log_file=work / "inflate.log", echo=False)
+            return ["-pretrained_weights", inflated]
+        return args
 
     if "3d" in args.parts:
         t0 = time.time()

@@ -1,5 +1,6 @@
-"""End to end: 2D Omnia-Net with real ImageNet weights -> inflated 3D DX-Net -> nnUNetv2_predict (real console
-scripts on the real hippocampus subset)."""
+"""End to end: 2D Omnia-Net with real ImageNet weights -> ``nnUNetv2_vf_inflate_checkpoint`` -> 3D DX-Net trained
+with nnU-Net's own ``-pretrained_weights`` loader -> nnUNetv2_predict (real console scripts on the real hippocampus
+subset)."""
 from __future__ import annotations
 
 import shutil
@@ -31,22 +32,34 @@ def test_2d_to_3d_transfer_train_and_predict(hippo_dataset, tmp_path):
     assert "ImageNet encoder weights loaded" in out2d
     ckpt2d = _results(hippo, "EncoderUNet2DTrainer_2epochs", "2d") + "/checkpoint_final.pth"
 
-    # the env var is NOT given to the 3D run: the encoder name comes from the 2D run's defaults/plans, and the whole
-    # 3D network must come from the 2D checkpoint
+    # dimensional transfer = conversion, then stock nnU-Net fine-tuning. The env vars are NOT given to the conversion
+    # nor to the 3D run: the encoder name comes from the defaults/plans, the whole 3D network from the 2D checkpoint
     env3d = dict(hippo["env"])
-    out3d = run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", "EncoderUNet3DTrainer_2epochs", "-device",
-                        "cpu", "-pretrained_weights", ckpt2d], env3d, echo=False)
-    assert "by i3d inflation of the 2D network" in out3d
-    ckpt3d = _results(hippo, "EncoderUNet3DTrainer_2epochs", "3d_fullres") + "/checkpoint_final.pth"
+    inflated = tmp_path / "inflated.pth"
+    conv = run_nnunet(["nnUNetv2_vf_inflate_checkpoint", ckpt2d, "-d", did, "-p", "nnUNetPlans", "-c", "3d_fullres",
+                       "-o", inflated, "-tr", "EncoderUNet3DTrainer_2epochs"], env3d, echo=False)
+    assert "i3d inflation" in conv and "-pretrained_weights" in conv
     w2d = torch.load(ckpt2d, map_location="cpu", weights_only=False)["network_weights"]
-    w3d = torch.load(ckpt3d, map_location="cpu", weights_only=False)["network_weights"]
-    # i3d: summing the 3D kernel over depth gives the 2D kernel; 8 small AdamW steps later it still does, closely
+    winf = torch.load(inflated, map_location="cpu", weights_only=True)["network_weights"]
+    # i3d: summing the 3D kernel over depth gives the 2D kernel, exactly (encoder, decoder and classifiers)
     for key in ("encoder.blocks.2.0.conv_dw.weight", "decoder.blocks.0.0.0.weight", "decoder.seg_layers.2.weight"):
-        assert w3d[key].ndim == 5 and w2d[key].ndim == 4
+        assert winf[key].ndim == 5 and w2d[key].ndim == 4
+        assert torch.allclose(winf[key].sum(2), w2d[key], atol=1e-5), key
+
+    out3d = run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", "EncoderUNet3DTrainer_2epochs", "-device",
+                        "cpu", "-pretrained_weights", inflated], env3d, echo=False)
+    assert "Loading pretrained weights from file" in out3d  # nnU-Net's own loader, no interception
+    ckpt3d = _results(hippo, "EncoderUNet3DTrainer_2epochs", "3d_fullres") + "/checkpoint_final.pth"
+    w3d = torch.load(ckpt3d, map_location="cpu", weights_only=False)["network_weights"]
+    # 8 small AdamW steps later the 3D network is still close to the inflated one, far closer than a random init
+    for key in ("encoder.blocks.2.0.conv_dw.weight", "decoder.blocks.0.0.0.weight"):
+        assert _cosine(w3d[key], winf[key]) > 0.9, key
         assert _cosine(w3d[key].sum(2), w2d[key]) > 0.9, key
-    # a random init (for contrast) is unrelated to the 2D weights
-    fresh = torch.nn.init.kaiming_normal_(torch.empty_like(w3d["decoder.blocks.0.0.0.weight"]))
-    assert abs(_cosine(fresh.sum(2), w2d["decoder.blocks.0.0.0.weight"])) < 0.2
+        fresh = torch.nn.init.kaiming_normal_(torch.empty_like(w3d[key]))
+        assert abs(_cosine(fresh, winf[key])) < 0.2, key
+        assert (w3d[key] - winf[key]).norm() < 0.5 * (fresh - winf[key]).norm(), key
+    # nnU-Net's loader does not load the final classifiers (.seg_layers.): they start fresh (documented)
+    assert abs(_cosine(w3d["decoder.seg_layers.2.weight"], winf["decoder.seg_layers.2.weight"])) < 0.5
 
     # prediction rebuilds the network from the model folder's plans.json alone (no nnUNet_vf_* variables)
     images = tmp_path / "images"
@@ -66,14 +79,18 @@ def test_2d_to_3d_transfer_train_and_predict(hippo_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_3d_trainer_refuses_checkpoint_of_another_network(hippo_dataset, tmp_path):
-    """A 2D checkpoint whose class count does not match: clear error naming the fix (before any training)."""
+def test_converter_refuses_checkpoint_of_another_network(hippo_dataset, tmp_path):
+    """A 2D checkpoint whose class count does not match: the converter names the problem and the fix (exit 2, no
+    traceback, nothing written) against the real preprocessed plans."""
     hippo = hippo_dataset
     from nnunetv2_vf.architectures.encoder_unet import EncoderUNet2D
 
     wrong = EncoderUNet2D(1, 5, [[1, 1], [2, 2], [2, 2], [2, 2]], "efficientnet_lite0")
     path = tmp_path / "wrong.pth"
     torch.save({"network_weights": wrong.state_dict(), "init_args": {}}, path)
-    with pytest.raises(RuntimeError, match="predicts 5 outputs.*train the 2d configuration"):
-        run_nnunet(["nnUNetv2_train", str(hippo["id"]), "3d_fullres", "0", "-tr", "EncoderUNet3DTrainer_2epochs",
-                    "-device", "cpu", "-pretrained_weights", path], hippo["env"], echo=False)
+    out = tmp_path / "inflated.pth"
+    with pytest.raises(RuntimeError, match="predicts 5 outputs.*train the 2d configuration") as e:
+        run_nnunet(["nnUNetv2_vf_inflate_checkpoint", path, "-d", str(hippo["id"]), "-o", out], hippo["env"],
+                   echo=False)
+    assert "Traceback" not in str(e.value)
+    assert not out.exists()

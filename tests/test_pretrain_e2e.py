@@ -129,12 +129,19 @@ def test_adapt_plans_finetune_and_predict(pretrained, hippo_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_rejects_unconverted_misfm_weights(hippo_dataset, shared_dir):
+    """The authors' raw MIS-FM file is refused by nnU-Net's own ``-pretrained_weights`` loader (no
+    'network_weights'; the trainer does not intercept the loader nor read the command line).  The readable
+    diagnosis that names the converter comes from the pre-flight check ``check_pretrained_compatibility``."""
+    from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility
+
     env, did = hippo_dataset["env"], str(hippo_dataset["id"])
     fixture = shared_dir / "fixtures" / "pctnet" / "pctnet_public_checkpoint.pt"
     with pytest.raises(RuntimeError) as e:
         run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", "VFPretrainedTrainer_small_2epochs",
                     "-pretrained_weights", fixture, "-device", "cpu"], env, echo=False)
-    assert "nnUNetv2_vf_convert_misfm" in str(e.value)
+    assert "network_weights" in str(e.value)
+    with pytest.raises(ValueError, match="MIS-FM authors' format.*nnUNetv2_vf_convert_misfm"):
+        check_pretrained_compatibility(torch.nn.Conv3d(1, 1, 1), str(fixture))
 
 
 @pytest.mark.slow

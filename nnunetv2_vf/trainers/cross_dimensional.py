@@ -2,8 +2,9 @@
 
 * ``EncoderUNet2DTrainer`` (``2d``): Omnia-Net — a timm ImageNet encoder inside a 2D U-Net.
 * ``EncoderUNet3DTrainer`` (``3d_fullres``): DX-Net — the 2D network inflated to 3D. Initialised from ImageNet
-  weights (inflated), or, with ``-pretrained_weights <2d checkpoint_final.pth>``, from a whole trained
-  ``EncoderUNet2DTrainer`` network (encoder AND decoder inflated).
+  weights (inflated), or from a whole trained ``EncoderUNet2DTrainer`` network (encoder AND decoder inflated):
+  ``nnUNetv2_vf_inflate_checkpoint`` (:mod:`nnunetv2_vf.inflate_checkpoint`) converts the 2D checkpoint_final.pth
+  into a 3D one that nnU-Net's own ``-pretrained_weights`` loader accepts.
 * ``DepthStackUNetTrainer`` (``3d_fullres``): DS-Net — 3D depth encoder + per-channel 2D Omnia-Net + 3D decoder.
 
 Choices are read from environment variables at TRAINING time and written into the plans dict before
@@ -38,7 +39,7 @@ __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2
            "EncoderUNet2DTrainer_20epochs", "EncoderUNet3DTrainer_10epochs",
            "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
            "DepthStackUNetTrainer_2epochs",
-           "with_encoder_unet_architecture", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
+           "with_encoder_unet_architecture", "inflate_2d_checkpoint", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
            "ENV_INFLATION", "PYPI_LITE0"]
 
 ENV_ENCODER = "nnUNet_vf_encoder"
@@ -104,8 +105,19 @@ class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        encoder_name = os.environ.get(ENV_ENCODER) or self._planned(plans, configuration, "encoder_name") \
-            or self.default_encoder
+        plans, weights = self.encoder_unet_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.encoder_weights = weights
+        self.initial_lr = 1e-3
+        self.weight_decay = 1e-4
+
+    @classmethod
+    def encoder_unet_plans(cls, plans: dict, configuration: str) -> tuple[dict, str | None]:
+        """The plans this trainer trains with (the ``nnUNet_vf_*`` choices written into the configuration's
+        architecture) and the ImageNet weight file; no side effects.  ``nnUNetv2_vf_inflate_checkpoint`` builds
+        its network from them, exactly as training will."""
+        encoder_name = os.environ.get(ENV_ENCODER) or cls._planned(plans, configuration, "encoder_name") \
+            or cls.default_encoder
         check_timm_encoder_name(encoder_name)
         weights = os.environ.get(ENV_WEIGHTS) or None
         if weights is not None and weights != PYPI_LITE0 and not os.path.isfile(weights):
@@ -116,25 +128,24 @@ class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
             raise ValueError(f"{ENV_WEIGHTS}={PYPI_LITE0} holds EfficientNet-Lite0 weights but the encoder is "
                              f"{encoder_name!r}: set {ENV_ENCODER}=efficientnet_lite0 or give a checkpoint of "
                              f"{encoder_name!r}.")
-        norm = os.environ.get(ENV_NORM) or self._planned(plans, configuration, "norm") or "batch"
+        norm = os.environ.get(ENV_NORM) or cls._planned(plans, configuration, "norm") or "batch"
         if norm not in ("batch", "instance"):
             raise ValueError(f"{ENV_NORM} must be 'batch' or 'instance', got {norm!r}")
-        plans = with_encoder_unet_architecture(plans, configuration, self.network_name, encoder_name, weights,
-                                               self.cpu_batch_size, self.cpu_patch_size,
-                                               **self._extra_arch_kwargs(norm))
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.encoder_weights = weights
-        self.initial_lr = 1e-3
-        self.weight_decay = 1e-4
+        plans = with_encoder_unet_architecture(plans, configuration, cls.network_name, encoder_name, weights,
+                                               cls.cpu_batch_size, cls.cpu_patch_size,
+                                               **cls._extra_arch_kwargs(norm))
+        return plans, weights
 
-    def _planned(self, plans: dict, configuration: str, key: str):
+    @classmethod
+    def _planned(cls, plans: dict, configuration: str, key: str):
         arch = effective_configuration(plans, configuration).get("architecture", {})
-        if arch.get("network_class_name") == f"{ARCH_MODULE}.{self.network_name}":
+        if arch.get("network_class_name") == f"{ARCH_MODULE}.{cls.network_name}":
             return arch["arch_kwargs"].get(key)
         return None
 
-    def _extra_arch_kwargs(self, norm: str) -> dict:
-        return {"norm": norm, "input_adaptation": self.input_adaptation, "drop_path_rate": self.drop_path_rate}
+    @classmethod
+    def _extra_arch_kwargs(cls, norm: str) -> dict:
+        return {"norm": norm, "input_adaptation": cls.input_adaptation, "drop_path_rate": cls.drop_path_rate}
 
     # ---- weights -------------------------------------------------------------------------------------------------
     def initialize(self):
@@ -183,11 +194,13 @@ class EncoderUNet2DTrainer(_EncoderUNetTrainerBase):
 
 
 class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
-    """DX-Net in ``3d_fullres``: an inflated EncoderUNet2D.  ``-pretrained_weights`` accepts a 2D checkpoint."""
+    """DX-Net in ``3d_fullres``: an inflated EncoderUNet2D.  To start from a trained 2D network, convert its
+    checkpoint with ``nnUNetv2_vf_inflate_checkpoint`` and pass the converted file to ``-pretrained_weights``."""
 
     network_name = "EncoderUNet3D"
 
-    def _extra_arch_kwargs(self, norm: str) -> dict:
+    @classmethod
+    def _extra_arch_kwargs(cls, norm: str) -> dict:
         inflation = os.environ.get(ENV_INFLATION) or "i3d"
         if inflation not in ("i3d", "centre"):
             raise ValueError(f"{ENV_INFLATION} must be 'i3d' or 'centre', got {inflation!r}")
@@ -205,77 +218,65 @@ class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
         self.print_to_log_file(f"ImageNet encoder weights loaded from {self.encoder_weights} and inflated "
                                f"({net3d.inflation})", also_print_to_console=True)
 
-    def initialize(self):
-        first = not self.was_initialized
-        super().initialize()
-        if first:
-            _install_2d_checkpoint_hook(self)
-
     def load_2d_checkpoint(self, fname: str, ckpt: dict | None = None) -> None:
         """Initialise the whole network (encoder, decoder, classifiers) by inflating an EncoderUNet2DTrainer
-        checkpoint of the same dataset (``ckpt``: its already loaded content)."""
-        ckpt = _load_checkpoint(fname) if ckpt is None else ckpt
-        init_args = ckpt.get("init_args", {})
-        src_plans = init_args.get("plans", {})
-        src_cfg = init_args.get("configuration")
-        fix = (f"train the 2d configuration of {self.plans_manager.dataset_name} with EncoderUNet2DTrainer (same "
-               f"{ENV_ENCODER}) and pass its fold_X/checkpoint_final.pth")
-        if src_plans.get("dataset_name") not in (None, self.plans_manager.dataset_name):
-            raise ValueError(f"{fname} was trained on {src_plans.get('dataset_name')}, this run is "
-                             f"{self.plans_manager.dataset_name}: {fix}.")
-        src_arch = {}
-        if src_cfg is not None and src_plans:
-            src_arch = effective_configuration(src_plans, src_cfg).get("architecture", {})
-            if src_arch.get("network_class_name") != f"{ARCH_MODULE}.EncoderUNet2D":
-                raise ValueError(f"{fname} holds a {src_arch.get('network_class_name')} ({src_cfg}), not an "
-                                 f"EncoderUNet2D: {fix}.")
+        checkpoint of the same dataset (``ckpt``: its already loaded content).  For Python use after
+        ``initialize()``; from the command line use ``nnUNetv2_vf_inflate_checkpoint`` + ``-pretrained_weights``."""
+        ckpt = load_2d_checkpoint_file(fname) if ckpt is None else ckpt
         net3d = _unwrap(self.network)
-        src_kwargs = src_arch.get("arch_kwargs", {})
-        for key in ("encoder_name", "norm", "input_adaptation"):
-            if key in src_kwargs and src_kwargs[key] != getattr(net3d, key):
-                raise ValueError(f"the 2D checkpoint {fname} has {key}={src_kwargs[key]!r} but this network has "
-                                 f"{key}={getattr(net3d, key)!r}: set the same value for the 3D run (e.g. "
-                                 f"{ENV_ENCODER}/{ENV_NORM}), or {fix}.")
-        weights = ckpt["network_weights"]
-        heads = weights.get("decoder.seg_layers.0.weight")
-        if heads is not None and heads.shape[0] != net3d.num_classes:
-            raise ValueError(f"the 2D checkpoint predicts {heads.shape[0]} outputs, this dataset needs "
-                             f"{net3d.num_classes}: {fix}.")
-        loaded = net3d.load_inflated(weights)
+        loaded = inflate_2d_checkpoint(net3d, ckpt, fname, self.plans_manager.dataset_name)
         self.print_to_log_file(f"Initialised {len(loaded)} tensors (encoder AND decoder) by {net3d.inflation} "
                                f"inflation of the 2D network in {fname}", also_print_to_console=True)
 
 
-def _install_2d_checkpoint_hook(trainer: EncoderUNet3DTrainer) -> None:
-    """Make ``nnUNetv2_train -pretrained_weights <2d checkpoint>`` inflate instead of failing on shapes.
+def inflate_2d_checkpoint(net3d: torch.nn.Module, ckpt: dict, fname: str, dataset_name: str,
+                          configuration: str = "3d_fullres") -> list[str]:
+    """Check that the EncoderUNet2DTrainer checkpoint ``ckpt`` (loaded from ``fname``) fits the EncoderUNet3D
+    ``net3d`` of dataset ``dataset_name``, then load it inflated (encoder, decoder and classifiers); returns the
+    loaded keys.  Raises ValueError naming the problem (wrong dataset, not an EncoderUNet2D, other encoder/norm/input
+    adaptation, other class count) and the fix, before any weight is changed.  Used by
+    ``EncoderUNet3DTrainer.load_2d_checkpoint`` and ``nnUNetv2_vf_inflate_checkpoint``."""
+    fix = (f"train the 2d configuration of {dataset_name} with EncoderUNet2DTrainer (same {ENV_ENCODER}/{ENV_NORM}) "
+           f"and convert its fold_X/checkpoint_final.pth")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict):
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{fname} holds no 'network_weights' (found {keys}); it is not an nnU-Net checkpoint: {fix}.")
+    init_args = ckpt.get("init_args") or {}
+    src_plans = init_args.get("plans") or {}
+    src_cfg = init_args.get("configuration")
+    if src_plans.get("dataset_name") not in (None, dataset_name):
+        raise ValueError(f"{fname} was trained on {src_plans.get('dataset_name')}, the 3D network is for "
+                         f"{dataset_name}: {fix}.")
+    src_arch = {}
+    if src_cfg is not None and src_plans:
+        src_arch = effective_configuration(src_plans, src_cfg).get("architecture", {})
+        if src_arch.get("network_class_name") != f"{ARCH_MODULE}.EncoderUNet2D":
+            raise ValueError(f"{fname} holds a {src_arch.get('network_class_name')} ({src_cfg}, trainer "
+                             f"{ckpt.get('trainer_name')}), not an EncoderUNet2D: {fix}.")
+    if not _is_2d_checkpoint(ckpt):
+        raise ValueError(f"{fname} holds no 2D encoder U-Net weights (no 4D decoder/encoder kernels; a 3D or "
+                         f"another network's checkpoint?): {fix}.")
+    src_kwargs = src_arch.get("arch_kwargs", {})
+    for key, env in (("encoder_name", ENV_ENCODER), ("norm", ENV_NORM), ("input_adaptation", None)):
+        if key in src_kwargs and src_kwargs[key] != getattr(net3d, key):
+            how = f"set {env}={src_kwargs[key]} for the conversion AND the 3D training" if env else \
+                "use the same trainer family for 2D and 3D"
+            raise ValueError(f"the 2D checkpoint {fname} has {key}={src_kwargs[key]!r} but the 3D network "
+                             f"({configuration}) has {key}={getattr(net3d, key)!r}: {how}, or {fix}.")
+    weights = ckpt["network_weights"]
+    heads = weights.get("decoder.seg_layers.0.weight")
+    if heads is not None and heads.shape[0] != net3d.num_classes:
+        raise ValueError(f"the 2D checkpoint {fname} predicts {heads.shape[0]} outputs, {dataset_name} needs "
+                         f"{net3d.num_classes} (classes of its dataset.json): {fix}.")
+    return net3d.load_inflated(weights)
 
-    run_training.maybe_load_checkpoint calls the module-level ``load_pretrained_weights`` right after
-    ``initialize()``; we wrap that name so that a checkpoint of EncoderUNet2DTrainer is inflated into this network
-    (encoder AND decoder) and anything else goes to nnU-Net's own loader unchanged.
-    """
-    try:
-        import nnunetv2.run.run_training as run_training
-    except ImportError:  # pragma: no cover
-        return
-    original = getattr(run_training.load_pretrained_weights, "__wrapped_original__",
-                       run_training.load_pretrained_weights)
 
-    def load_pretrained_weights(network, fname, verbose=False):
-        ckpt = _load_checkpoint(fname) if _unwrap(network) is _unwrap(trainer.network) else None
-        if ckpt is not None and _is_2d_checkpoint(ckpt):
-            trainer.load_2d_checkpoint(fname, ckpt)  # the file is read once
-        else:
-            original(network, fname, verbose)
-
-    load_pretrained_weights.__wrapped_original__ = original
-    run_training.load_pretrained_weights = load_pretrained_weights
-
-
-def _load_checkpoint(fname: str) -> dict:
-    return read_weights_file(fname, "pretrained weights file",
+def load_2d_checkpoint_file(fname: str) -> dict:
+    """An EncoderUNet2DTrainer checkpoint_final.pth (tensors and plain data only; nothing else is unpickled)."""
+    return read_weights_file(fname, "2D checkpoint",
                              "give the checkpoint_final.pth of an EncoderUNet2DTrainer run (nnUNet_results/<dataset>/"
                              "EncoderUNet2DTrainer__*__2d/fold_X/checkpoint_final.pth)",
-                             "re-export it from the 2D training", weights_only=False)
+                             "re-export it from the 2D training", allow_numpy=True)
 
 
 def _is_2d_checkpoint(ckpt: dict) -> bool:
@@ -295,8 +296,9 @@ class DepthStackUNetTrainer(_EncoderUNetTrainerBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
 
-    def _extra_arch_kwargs(self, norm: str) -> dict:
-        return {"norm": norm, "drop_path_rate": self.drop_path_rate, "depth_features": self.depth_features}
+    @classmethod
+    def _extra_arch_kwargs(cls, norm: str) -> dict:
+        return {"norm": norm, "drop_path_rate": cls.drop_path_rate, "depth_features": cls.depth_features}
 
     def _imagenet_target(self) -> torch.nn.Module:
         return _unwrap(self.network).omnia

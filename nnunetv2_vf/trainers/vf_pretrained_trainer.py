@@ -1,13 +1,12 @@
 """Fine-tuning PCT-Net from Volume Fusion pretraining (``-pretrained_weights``) inside nnU-Net.
 
-nnU-Net loads ``-pretrained_weights`` in ``run_training.maybe_load_checkpoint`` right after ``initialize()`` with an
-assertion per key. ``VFPretrainedTrainer.initialize`` checks the same file first and fails with a readable report
-(mismatched keys/shapes, the fix) -- and points at ``nnUNetv2_vf_convert_misfm`` for the authors' raw weights.
+nnU-Net loads ``-pretrained_weights`` in ``run_training.maybe_load_checkpoint`` right after ``initialize()`` with its
+own loader (an assertion per key, final classifiers ``.seg_layers.`` skipped); the trainer does not see the file.
+Readable checks come before training, at conversion time: ``nnUNetv2_vf_convert_misfm`` (the authors' raw weights),
+``nnUNetv2_vf_adapt_plans`` (plans that build the pretrained network) and :func:`check_pretrained_compatibility`
+(every key nnU-Net's loader would reject, with the fix), which any script can call on a network and a file.
 """
 from __future__ import annotations
-
-import sys
-from typing import Optional
 
 import torch
 
@@ -17,21 +16,9 @@ from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["VFPretrainedTrainer", "VFPretrainedTrainer_small_2epochs", "VFPretrainedTrainer_small_10epochs",
            "VFPretrainedTrainer_small_3epochs",
-           "VFPretrainedTrainer_100epochs", "check_pretrained_compatibility",
-           "pretrained_weights_from_argv"]
+           "VFPretrainedTrainer_100epochs", "check_pretrained_compatibility"]
 
 CLASSIFIER_MARK = ".seg_layers."
-
-
-def pretrained_weights_from_argv(argv=None) -> Optional[str]:
-    """The ``-pretrained_weights`` path of the running ``nnUNetv2_train`` command, if any."""
-    argv = sys.argv if argv is None else argv
-    for i, a in enumerate(argv):
-        if a == "-pretrained_weights" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("-pretrained_weights="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def check_pretrained_compatibility(network: torch.nn.Module, path: str) -> int:
@@ -81,14 +68,6 @@ class VFPretrainedTrainer(PCTNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.warmup_fraction = 0.1
-
-    def initialize(self):
-        super().initialize()
-        path = pretrained_weights_from_argv()
-        if path is not None:
-            n = check_pretrained_compatibility(self.network, path)
-            self.print_to_log_file(f"VFPretrainedTrainer: {path} fits the network; {n} tensors (all but the "
-                                   f"final classifiers) will be loaded")
 
 
 class VFPretrainedTrainer_small_2epochs(NoMirroring, TrainingBudget, VFPretrainedTrainer):
