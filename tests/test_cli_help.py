@@ -10,7 +10,8 @@ import pytest
 
 from nnunetv2_vf.workflow import console_script
 
-SCRIPTS = ("nnUNetv2_vf_pretrain", "nnUNetv2_vf_adapt_plans", "nnUNetv2_vf_convert_misfm")
+SCRIPTS = ("nnUNetv2_vf_pretrain", "nnUNetv2_vf_adapt_plans", "nnUNetv2_vf_convert_misfm",
+           "nnUNetv2_vf_inflate_checkpoint")
 
 
 def _entries(help_text: str) -> dict[str, str]:

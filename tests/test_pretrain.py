@@ -16,7 +16,7 @@ from nnunetv2_vf.architectures.pctnet import PCTNet, pctnet_strides
 from nnunetv2_vf.pretrain.adapt_plans import adapted_plans, convert_misfm_checkpoint
 from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
                                           crop_or_pad, find_images)
-from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility, pretrained_weights_from_argv
+from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility
 
 DEMO = Path(__file__).resolve().parents[1] / "nnunetv2_vf" / "demo_data" / "Dataset004_HippocampusDemo"
 SMALL = (8, 16, 32, 64, 128)
@@ -179,9 +179,3 @@ def test_adapted_plans_reproduce_pretraining_preprocessing(hippo_images):
     with pytest.raises(ValueError, match="input channels"):
         adapted_plans(plans, plan, "3d_fullres", "P3", num_input_channels=2)
     json.dumps(new)  # serialisable
-
-
-def test_pretrained_weights_argument_is_found():
-    assert pretrained_weights_from_argv(["nnUNetv2_train", "4", "3d_fullres", "0", "-pretrained_weights", "a.pth"]) \
-        == "a.pth"
-    assert pretrained_weights_from_argv(["nnUNetv2_train", "4", "3d_fullres", "0"]) is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,12 @@ def test_transform_in_nnunets_nondet_augmenter_with_torch_batches(hippo_images):
                                              num_cached=2, seeds=None)
     try:
         batches = [next(augmenter) for _ in range(6)]
+        # let the results thread settle before the workers stop: a thread still receiving a torch batch from a
+        # stopped worker dies with a (harmless) FileNotFoundError that pytest reports as a warning
+        deadline = time.time() + 10
+        while not augmenter.results_loop_queue.full() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
     finally:
         augmenter._finish()
     for batch in batches:

@@ -1,0 +1,52 @@
+"""The benchmark scripts run (tiny sizes, CPU): the GPU check's --cpu-smoke (every section, including a smoke-sized
+pretraining-gain study) and the ImageNet-initialisation study. They measure nothing here; they must not rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(args, env_extra=None, timeout=1500):
+    import os
+    env = dict(os.environ, OMP_NUM_THREADS="2", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path, shared_dir):
+    _run([REPO / "benchmarks" / "gpu_check.py", "--cpu-smoke", "--shared", shared_dir, "--out", tmp_path,
+          "--work", tmp_path / "work", "--deadline-s", 100000])
+    report = json.loads((tmp_path / "gpu_check_cpu_smoke" / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == {"precision", "speed", "pretrain", "nnunet", "vf_gain"}
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    rows = {r["mode"]: r for r in sections["precision"]["rows"]}
+    assert rows["fp32"]["finite"] and rows["bf16 autocast"]["finite"]
+    assert rows["bf16 autocast"]["output rel. diff"] < 0.1  # bf16 keeps ~3 significant digits
+    assert sections["precision"]["torch.compile vs eager: output rel. diff"] < 1e-4
+    assert sections["speed"]["PCT-Net / PlainConvUNet time"] > 0
+    assert sections["pretrain"]["torchrun DDP trained and checkpointed"] is True
+    assert isinstance(sections["pretrain"]["data wait % of step time (logged)"], float)
+    assert 0 <= sections["nnunet"]["validation Dice (foreground mean)"] <= 1
+    assert "paired difference" in sections["vf_gain"]["report"]
+    assert "# GPU check" in (tmp_path / "gpu_check_cpu_smoke" / "gpu_check.md").read_text()
+
+
+def test_imagenet_init_study_smoke(tmp_path, shared_dir):
+    out = _run([REPO / "benchmarks" / "imagenet_init_accuracy.py", "--setting", "smoke", "--shared", shared_dir,
+                "--workdir", tmp_path / "work", "--results-dir", tmp_path / "results"])
+    result = json.loads((tmp_path / "results" / "imagenet_init_smoke.json").read_text())
+    pairs = {(c["treatment"], c["control"]) for c in result["comparisons"]}
+    assert pairs == {("imagenet", "random"), ("imagenet_inflated", "random"), ("from_2d", "random")}
+    assert all(c["n_seeds"] == 1 and c["n_cases"] == 3 for c in result["comparisons"])
+    assert (tmp_path / "results" / "imagenet_init_smoke_2d_curves.png").stat().st_size > 0
+    assert "ImageNet" in out or "imagenet" in out
