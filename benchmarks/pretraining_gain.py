@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study import RESULTS_DIR, Arm, Study, plot_learning_curves, validation_split, write_report  # noqa: E402
+from _study import (Arm, Study, add_study_arguments, plot_learning_curves, resolve_setting,  # noqa: E402
+                    study_environment, validation_split, write_report)
 
 SMALL = [8, 16, 32, 64, 128]
 SETTINGS = {
@@ -95,27 +95,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu", help="study size (default: %(default)s)")
     p.add_argument("--budgets", type=int, nargs="+", help="labelled training cases per fold (default: setting's)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds 0-4 (default: setting's)")
     p.add_argument("--trainer", help="base fine-tuning trainer; its _seedN variants are used (default: setting's)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: setting's")
     p.add_argument("--pretrained", help="a finished nnUNetv2_vf_pretrain output folder to reuse (skips step 1)")
-    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
-                   help="folder holding data/<dataset> (default: ../shared beside the checkout)")
-    p.add_argument("--workdir", default="/tmp/vf_pretraining_gain", help="nnU-Net folders (default: %(default)s)")
-    p.add_argument("--keep", action="store_true", help="reuse the workdir and the runs already finished")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
+    add_study_arguments(p, "/tmp/vf_pretraining_gain")
     args = p.parse_args()
-    s = dict(SETTINGS[args.setting])
-    for key in ("budgets", "seeds", "trainer", "device"):
-        if getattr(args, key) is not None:
-            s[key] = getattr(args, key)
+    s = resolve_setting(SETTINGS, args, ("budgets", "seeds", "trainer", "device"))
 
-    from nnunetv2_vf.workflow import make_subset_dataset, nnunet_environment, run_nnunet
-    work, shared = Path(args.workdir), Path(args.shared)
-    if work.exists() and not args.keep:
-        shutil.rmtree(work)
-    env = nnunet_environment(work, extra={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                                             str(os.cpu_count() or 1))})
+    from nnunetv2_vf.workflow import make_subset_dataset, run_nnunet
+    shared = Path(args.shared)
+    work, env = study_environment(args)
     source = shared / "data" / s["dataset"]
     val_ids, rest = validation_split(source, s["val_cases"])
     train_ids = rest[: max(s["budgets"])]
@@ -162,8 +150,10 @@ def main() -> None:
                   arms=[Arm("scratch"), Arm("pretrained", lambda seed: ["-pretrained_weights", weights])])
     study.load(work / "runs.json", keep=args.keep)
     t0 = time.time()
-    study.run_all()
-    timings["finetuning_s"] = round(time.time() - t0)
+    if not args.report_only:
+        study.run_all()
+    timings["finetuning_s"] = round(time.time() - t0) if not args.report_only else round(
+        sum(r["seconds"] for r in study.results["runs"]))
 
     # 5. paired statistics, curves, report
     comparisons = [c for b in s["budgets"] if (c := study.compare(b, "pretrained", "scratch"))]
