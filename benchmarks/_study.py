@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_vf.paired_stats import describe_effect, paired_bootstrap, per_case_dice
+from nnunetv2_vf.paired_stats import MIN_SEEDS, describe_effect, paired_bootstrap, per_case_dice
 from nnunetv2_vf.workflow import run_nnunet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +181,8 @@ def plot_learning_curves(study: Study, iterations_per_epoch: int, path: Path, ti
     budgets = [b for b in study.budgets if any(r["budget"] == b for r in study.results["runs"])]
     if not budgets:
         return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(max(6.0, 4.2 * len(budgets)), 4.0), squeeze=False,
+                             sharey=True)
     for ax, budget in zip(axes[0], budgets):
         for i, arm in enumerate(study.arms):
             curves = [r["curve"]["val_pseudo_dice"] for r in study.results["runs"]
@@ -197,9 +198,9 @@ def plot_learning_curves(study: Study, iterations_per_epoch: int, path: Path, ti
         ax.set_title(f"{budget} labelled case(s)")
         ax.set_xlabel("fine-tuning iterations")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation pseudo Dice (mean, min-max over seeds)")
+    axes[0][0].set_ylabel("nnU-Net pseudo Dice (validation)")
     axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\nline: mean over seeds, band: min-max over seeds", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -210,7 +211,8 @@ def markdown_table(comparisons: Sequence[dict]) -> str:
     rows = ["| labelled cases | treatment | control | mean Dice treatment | mean Dice control | paired difference "
             "[95 % CI] | seeds x cases | verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        verdict = ("**gain**" if c["mean"] > 0 else "**loss**") if c["detected"] else "no difference detected"
+        verdict = (("**gain**" if c["mean"] > 0 else "**loss**") if c["detected"] else
+                   f"no claim ({c['n_seeds']} seed)" if c["n_seeds"] < MIN_SEEDS else "no difference detected")
         rows.append(f"| {c['budget']} | {c['treatment']} | {c['control']} | {c['treatment_mean']:.3f} | "
                     f"{c['control_mean']:.3f} | {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | "
                     f"{c['n_seeds']} x {c['n_cases']} | {verdict} |")

@@ -3,7 +3,8 @@
 A study runs both arms with the same seeds on the same validation cases, so each (seed, case) gives one paired
 difference. The 95 % interval is a two-way bootstrap: seeds and cases are resampled independently, with
 replacement, because both are samples (of training randomness and of patients) and results are correlated along
-each. An effect is claimed only where the interval excludes zero.
+each. An effect is claimed only where the interval excludes zero and at least ``MIN_SEEDS`` seeds were run: with
+fewer, the interval only covers case-to-case variation, not the training randomness a different seed brings.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PairedEffect", "paired_bootstrap", "per_case_dice", "describe_effect"]
+__all__ = ["PairedEffect", "paired_bootstrap", "per_case_dice", "describe_effect", "MIN_SEEDS"]
+
+MIN_SEEDS = 3
 
 
 @dataclass
@@ -27,11 +30,15 @@ class PairedEffect:
     control_mean: float
 
     @property
-    def detected(self) -> bool:
+    def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    @property
+    def detected(self) -> bool:
+        return self.excludes_zero and self.n_seeds >= MIN_SEEDS
+
     def to_dict(self) -> dict:
-        return dict(asdict(self), detected=self.detected)
+        return dict(asdict(self), detected=self.detected, excludes_zero=self.excludes_zero)
 
 
 def paired_bootstrap(treatment: np.ndarray, control: np.ndarray, n_boot: int = 10_000, confidence: float = 0.95,
@@ -65,6 +72,9 @@ def paired_bootstrap(treatment: np.ndarray, control: np.ndarray, n_boot: int = 1
 def describe_effect(effect: PairedEffect, what: str = "Dice") -> str:
     """One README-ready sentence: a gain or loss only where the interval excludes zero."""
     interval = f"{effect.mean:+.3f} [95 % CI {effect.low:+.3f}, {effect.high:+.3f}]"
+    if effect.n_seeds < MIN_SEEDS:
+        return (f"no claim: {effect.n_seeds} seed(s) < {MIN_SEEDS}, the interval covers cases only: {what} "
+                f"difference {interval}")
     if not effect.detected:
         return f"no difference detected at this size: {what} difference {interval}"
     return f"{'gain' if effect.mean > 0 else 'loss'}: {what} difference {interval}"

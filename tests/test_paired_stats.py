@@ -117,3 +117,10 @@ def test_study_refuses_unpaired_cases():
                               {"budget": 2, "seed": 0, "arm": "b", "dice_per_case": {"y": 0.5}}]}
     with pytest.raises(ValueError, match="different cases"):
         study.compare(2, "b", "a")
+
+
+def test_too_few_seeds_never_claim():
+    t, c = _paired(effect=0.05, noise=0.01, seeds=1)
+    e = paired_bootstrap(t, c)
+    assert e.excludes_zero and not e.detected  # the cases alone say "gain"; one seed is not enough to claim it
+    assert describe_effect(e).startswith("no claim: 1 seed(s) < 3")
