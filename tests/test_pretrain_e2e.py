@@ -104,7 +104,7 @@ def test_adapt_plans_finetune_and_predict(pretrained, hippo_dataset, tmp_path):
     weights = pretrained["dir"] / "checkpoint_final.pth"
     log = run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", "VFPretrainedTrainer_small_2epochs",
                       "-p", PLANS, "-pretrained_weights", weights, "-device", "cpu"], env, echo=False)
-    assert "fits the network" in log and "Loading pretrained weights" in log
+    assert "Loading pretrained weights" in log  # nnU-Net's own loader (the plugin does not intercept it)
 
     model_dir = (Path(env["nnUNet_results"]) / hippo_dataset["name"] /
                  f"VFPretrainedTrainer_small_2epochs__{PLANS}__3d_fullres")
