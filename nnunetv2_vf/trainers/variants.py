@@ -76,10 +76,10 @@ class Seeded:
         super().initialize()
 
     def get_dataloaders(self):
-        seed_everything(2 * self.seed + 1 + 1000 * self.local_rank)
+        data_seed = 2 * self.seed + 1 + 1000 * self.local_rank  # ranks draw different batches
+        seed_everything(data_seed)
         self._batch_digest = hashlib.sha256()
-        self.print_to_log_file(f"Seeded: seed {self.seed} (network init {2 * self.seed}, data stream "
-                               f"{2 * self.seed + 1 + 1000 * self.local_rank})")
+        self.print_to_log_file(f"Seeded: seed {self.seed} (network init {2 * self.seed}, data stream {data_seed})")
         return super().get_dataloaders()
 
     def train_step(self, batch: dict) -> dict:
