@@ -72,6 +72,7 @@ class Arm:
     name: str
     extra_args: Callable[[int], list] = lambda seed: []   # nnUNetv2_train arguments for this arm and seed
     env: dict = field(default_factory=dict)               # extra environment variables
+    plans: Optional[str] = None                           # -p of this arm (its network); default: the study's
 
 
 @dataclass
@@ -93,9 +94,9 @@ class Study:
     results: dict = field(default_factory=dict)
     results_file: Optional[Path] = None
 
-    def run_dir(self, seed: int) -> Path:
+    def run_dir(self, seed: int, plans: Optional[str] = None) -> Path:
         return (Path(self.env["nnUNet_results"]) / self.dataset_name /
-                f"{self.trainer}_seed{seed}__{self.plans}__{self.configuration}")
+                f"{self.trainer}_seed{seed}__{plans or self.plans}__{self.configuration}")
 
     def load(self, path: Path, keep: bool) -> None:
         self.results_file = path
@@ -118,12 +119,12 @@ class Study:
 
     def run_one(self, fold: int, budget: int, seed: int, arm: Arm, counter: str = "") -> dict:
         cmd = ["nnUNetv2_train", self.dataset_id, self.configuration, fold, "-tr", f"{self.trainer}_seed{seed}",
-               "-p", self.plans, "-device", self.device, *arm.extra_args(seed)]
+               "-p", arm.plans or self.plans, "-device", self.device, *arm.extra_args(seed)]
         log = (self.log_dir or Path(self.env["nnUNet_results"])) / f"{self.name}_b{budget}_s{seed}_{arm.name}.log"
         t0 = time.time()
         run_nnunet(cmd, dict(self.env, **arm.env), log_file=log, echo=False)
-        fold_dir = self.run_dir(seed) / f"fold_{fold}"
-        kept = self.run_dir(seed) / f"fold_{fold}_{arm.name}"
+        fold_dir = self.run_dir(seed, arm.plans) / f"fold_{fold}"
+        kept = self.run_dir(seed, arm.plans) / f"fold_{fold}_{arm.name}"
         if kept.exists():
             shutil.rmtree(kept)
         os.replace(fold_dir, kept)  # the other arm of this seed trains into fold_{fold} next

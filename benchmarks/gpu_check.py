@@ -42,8 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PAPER = [24, 48, 128, 256, 512]
-SMALL = [8, 16, 32, 64, 128]
+from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES, SMALL_FEATURES  # noqa: E402
+
+PAPER = list(PAPER_FEATURES)
+SMALL = list(SMALL_FEATURES)
 # dense bf16 tensor-core peaks (NVIDIA data sheets, without sparsity)
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
 

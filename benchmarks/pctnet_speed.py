@@ -25,10 +25,12 @@ import torch
 
 from _measure import StepWorker, memory_label, nnunet_default_unet
 
+from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES, SMALL_FEATURES
+
 NNUNET, BASELINE, PCTNET, CHECKPOINTED = ("nnU-Net PlainConvUNet", "PCT-Net frozen baseline", "PCT-Net",
                                           "PCT-Net checkpoint_blocks")
 NETWORKS = (NNUNET, BASELINE, PCTNET, CHECKPOINTED)
-FEATURES = {"paper": (24, 48, 128, 256, 512), "small": (8, 16, 32, 64, 128)}
+FEATURES = {"paper": PAPER_FEATURES, "small": SMALL_FEATURES}
 
 
 def build(name: str, patch, spacing, features: str = "paper"):

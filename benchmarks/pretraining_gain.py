@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import (Arm, Study, add_study_arguments, plot_learning_curves, resolve_setting,  # noqa: E402
                     study_environment, validation_split, write_report)
 
-SMALL = [8, 16, 32, 64, 128]
+from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES, SMALL_FEATURES  # noqa: E402
+
+SMALL = list(SMALL_FEATURES)
 SETTINGS = {
     # small PCT-Net on hippocampus MRI; pretraining on the hippocampus AND left-atrium MRI of ../shared/data
     "cpu": dict(dataset="Dataset004_Hippocampus", budgets=[2, 4, 8], seeds=[0, 1, 2], val_cases=20,
@@ -57,7 +59,7 @@ SETTINGS = {
     "gpu": dict(dataset="Dataset010_LeftAtrium", budgets=[4, 8, 16, 32], seeds=[0, 1, 2], val_cases=16,
                 pretrain_datasets={"Dataset010_LeftAtrium": 16, "Dataset004_Hippocampus": 20},
                 pretrain_iterations=20000, pretrain_patch=[64, 128, 128], pretrain_batch=4,
-                features=[24, 48, 128, 256, 512], trainer="VFPretrainedTrainer_100epochs",
+                features=list(PAPER_FEATURES), trainer="VFPretrainedTrainer_100epochs",
                 iterations_per_epoch=250, device="cuda", lr_step=5000, num_workers=8, val_every=500),
 }
 DATASET_ID = 951

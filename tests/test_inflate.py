@@ -7,6 +7,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_vf.architectures.inflate import (LearnedStem, adapt_input_conv_weight, depth_receptive_radius,
@@ -152,6 +153,76 @@ def test_depth_stride_per_stage_and_dict():
     assert convs["layer2.0.conv1"].stride == (1, 2, 2)
 
 
+# families with no family-specific rule: every module is replaced (conv/norm/pool layers) or judged rank-agnostic
+# from its forward (nnunetv2_vf.architectures.inflation.rank_check); centre weights, depth stride 1, depth 7 (the
+# unpadded 3x3 pools of VoVNet take 2 slices each)
+RANK_AGNOSTIC_FAMILIES = ["mobilenetv2_050", "mobilenetv3_small_050", "mnasnet_050", "lcnet_050", "ghostnet_050",
+                          "fbnetc_100", "semnasnet_050", "mixnet_s", "rexnet_100", "densenet121", "dla34", "dpn48b",
+                          "res2net50_14w_8s", "cspresnet50", "darknet17", "repvgg_a0", "mobileone_s0", "gernet_s",
+                          "regnetz_005", "xception41", "resnetv2_50", "selecsls42b", "vgg11", "hrnet_w18_small",
+                          "ese_vovnet19b_dw"]
+# refused, naming the module, its class and the operation that would act on the wrong axes of a 5D tensor
+REFUSED_FAMILIES = {
+    "resnest14d": ("layer1.0.conv2", "SplitAttn", "`B, RC, H, W = x.shape` unpacks a 4D shape"),
+    "skresnet18": ("layer1.0.conv1.attn", "SelectiveKernelAttn", "`B, C, H, W = x.shape` unpacks a 4D shape"),
+    "tresnet_m": ("body_s2d", "SpaceToDepth", "unpacks a 4D shape"),
+    "inception_v3": ("Mixed_5b", "InceptionA", "`F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)` a 2D operator"),
+    "nf_resnet26": ("stem_conv", "ScaledStdConv2d", "own tensor 'weight' (64, 3, 7, 7) has 3+ axes"),
+    "edgenext_xx_small": ("stages_0.blocks.0", "ConvBlock", "`x.permute(0, 2, 3, 1)` lays out axes by position"),
+    "convnextv2_atto": ("stages_0.blocks.0.mlp.grn", "GlobalResponseNorm", "axis computed at run time"),
+    "fastvit_t8": ("stages_0.blocks.0.token_mixer.layer_scale", "LayerScale2d", "own tensor 'gamma' (48, 1, 1)"),
+    "mobilevit_xxs": ("stages_2.1", "MobileVitBlock", "unpacks a 4D shape"),
+    "efficientvit_b0": ("stages_2.blocks.1.context_module.main", "LiteMLA", "unpacks a 4D shape"),
+    "vit_tiny_patch16_224": ("model", "VisionTransformer", "own tensor 'cls_token' (1, 1, 192) has 3+ axes"),
+}
+
+
+@pytest.mark.parametrize("name", RANK_AGNOSTIC_FAMILIES)
+def test_rank_agnostic_family_inflates_exactly(name):
+    enc = make_encoder(name)
+    # torch's avg_pool3d refuses a 2x2 plane under a padded 3x3 kernel (avg_pool2d takes it): Res2Net's last stage
+    side = 64 if name.startswith("res2net") else 32
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        out2d = enc(x)
+        net = inflate_2d_to_3d(enc, "centre", depth_stride=1).eval()
+        assert_slices_equal(out2d, net(depth_constant(x, 7)))
+    assert list(net.state_dict()) == list(enc.state_dict())
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) for m in net.modules())
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_FAMILIES))
+def test_family_with_2d_specific_forward_is_refused_naming_the_module(name):
+    path, cls, why = REFUSED_FAMILIES[name]
+    with pytest.raises(NotImplementedError) as refusal:
+        inflate_2d_to_3d(make_encoder(name))
+    message = str(refusal.value)
+    assert f"cannot inflate module {path!r} of class " in message and f".{cls}:" in message, message
+    assert why in message and "passthrough" in message, message
+
+
+def test_rank_check_reads_what_forward_does():
+    from nnunetv2_vf.architectures.inflate import rank_problems
+
+    class ChannelOps(nn.Module):  # channel-wise / whole-tensor ops only: rank-agnostic
+        def forward(self, x):
+            a, b = torch.split(x, x.shape[1] // 2, 1)
+            y = torch.cat([a.sigmoid(), b.mean(1, keepdim=True).expand_as(b)], dim=1)
+            y = F.normalize(y) * y.new_ones(x.shape[:2] + x.shape[2:])
+            return y.flatten(2).softmax(1).view_as(y) + x.view(x.shape[0], -1).mean()
+
+    class Pinned(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.shape
+            return F.interpolate(x, size=(h, w)).sum(-1) + x.squeeze(-1) + x.size(3) + x.new_ones(x.shape[-2:])
+
+    assert rank_problems(ChannelOps) == ()
+    found = " | ".join(rank_problems(Pinned))
+    for snippet in ("unpacks a 4D shape", "`F.interpolate(x, size=(h, w))` lays out axes", "along axis -1",
+                    "`x.size(3)` reads a spatial size", "`x.shape[-2:]` reads a spatial size"):
+        assert snippet in found, found
+
+
 # ----------------------------------------------------------------------------------------- plain 2D networks
 class TinyUNet(nn.Module):
     """A custom (non-timm) container of plain 2D layers: its children are inflated."""
@@ -197,7 +268,8 @@ def test_unsupported_layers_raise_naming_the_module():
     with pytest.raises(NotImplementedError, match=r"'0'.*Softmax2d"):
         inflate_2d_to_3d(nn.Sequential(nn.Softmax2d()))
     custom = nn.Sequential(nn.Conv2d(3, 4, 1), Attention2d())
-    with pytest.raises(NotImplementedError, match=r"'1'.*Attention2d.*passthrough"):
+    with pytest.raises(NotImplementedError,
+                       match=r"(?s)'1'.*Attention2d.*x\.mean\(\(2, 3\).*spatial axis.*passthrough"):
         inflate_2d_to_3d(custom)
     assert isinstance(inflate_2d_to_3d(custom, passthrough=(Attention2d,))[0], nn.Conv3d)
 
@@ -222,6 +294,23 @@ def test_inflate_state_dict_matches_module_inflation_and_reports_mismatches():
     assert list(inflate_state_dict(partial, net3d)) == ["conv_stem.weight"]
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         inflate_state_dict(partial, net3d, require_all_keys=True)
+
+
+@pytest.mark.parametrize("mode", ["i3d", "centre", "planar"])
+def test_state_dict_path_follows_the_module_paths_depth_geometry(mode):
+    """One geometry rule: a 2D checkpoint inflated key by key onto a network equals the 2D network inflated module by
+    module (3x3, 1x1, strided transposed convs; in centre mode an even depth kernel falls back to i3d on both paths)."""
+    torch.manual_seed(0)
+    net2d = TinyUNet().eval()
+    depth_kernel = {"down.4": 2} if mode == "centre" else None
+    reference = inflate_2d_to_3d(net2d, mode, depth_kernel=depth_kernel)
+    target = inflate_2d_to_3d(TinyUNet(), mode, depth_kernel=depth_kernel)  # other weights, same geometry
+    target.load_state_dict(inflate_state_dict(net2d.state_dict(), target, mode))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+    if mode == "centre":
+        w2d, w3d = net2d.down[4].weight, reference.down[4].weight
+        assert w3d.shape[2] == 2 and torch.equal(w3d, w2d.unsqueeze(2).repeat(1, 1, 2, 1, 1) / 2)
 
 
 def test_inflated_model_pickles_in_a_fresh_process(tmp_path):

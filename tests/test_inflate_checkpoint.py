@@ -63,12 +63,6 @@ def _checkpoint_2d(tmp_path, name="ckpt2d.pth", plans=None, trainer=EncoderUNet2
     return path, net
 
 
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    for var in ("nnUNet_vf_encoder", "nnUNet_vf_encoder_weights", "nnUNet_vf_norm", "nnUNet_vf_inflation"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def test_converted_file_loads_with_nnunets_stock_loader(tmp_path):
     src, net2d = _checkpoint_2d(tmp_path)
     out = tmp_path / "inflated.pth"
@@ -104,9 +98,10 @@ def test_budget_variant_builds_the_same_weights(tmp_path):
 @pytest.mark.parametrize("case,match", [
     ("dataset", r"trained on Dataset998_Other.*train the 2d configuration of Dataset999_Tiny"),
     ("classes", r"predicts 5 outputs, Dataset999_Tiny needs 3.*train the 2d configuration"),
-    ("encoder", r"encoder_name='mobilenetv3_small_050'.*'efficientnet_lite0'.*set nnUNet_vf_encoder="
-                r"mobilenetv3_small_050 for the conversion AND the 3D training"),
-    ("norm", r"norm='instance'.*norm='batch'.*set nnUNet_vf_norm=instance"),
+    ("encoder", r"encoder_name='mobilenetv3_small_050'.*'efficientnet_lite0'.*nnUNetv2_vf_plan_network -d "
+                r"Dataset999_Tiny -c 3d_fullres --network EncoderUNet3D --encoder mobilenetv3_small_050 -p NEW_PLANS "
+                r"and give -p NEW_PLANS to the conversion AND the 3D training"),
+    ("norm", r"norm='instance'.*norm='batch'.*--network EncoderUNet3D --norm instance -p NEW_PLANS"),
     ("not_encoder_unet", r"holds a dynamic_network_architectures.*PlainConvUNet.*not an EncoderUNet2D"),
     ("not_2d", r"no 2D encoder U-Net weights"),
     ("no_weights", r"holds no 'network_weights'"),
@@ -168,3 +163,23 @@ def test_raw_2d_checkpoint_is_refused_by_nnunets_own_loader(tmp_path):
     src, _ = _checkpoint_2d(tmp_path)
     with pytest.raises(AssertionError, match="shape of the parameters"):
         load_pretrained_weights(build_3d_network(_plans(), DATASET_JSON), str(src))
+
+
+def test_3d_plans_of_the_plans_writer_take_another_encoder_and_rule(tmp_path):
+    """The fix the errors name works: 3D plans written for the 2D run's encoder (and the centre rule) accept its
+    checkpoint, and the converted file holds that encoder inflated with that rule."""
+    from nnunetv2_vf.plan_network import network_plans
+
+    src, net2d = _checkpoint_2d(tmp_path, encoder_name="resnet18", norm="instance")
+    plans3d = network_plans(_plans(), "3d_fullres", "EncoderUNet3D", "nnUNetPlans_resnet18",
+                            encoder="resnet18", norm="instance", inflation="centre")
+    out = tmp_path / "inflated.pth"
+    summary = inflate_checkpoint(src, plans3d, DATASET_JSON, out)
+    assert (summary["encoder_name"], summary["norm"], summary["inflation"]) == (
+        "resnet18", "instance", "centre")
+    w2d, w3d = net2d.state_dict(), torch.load(out, weights_only=True)["network_weights"]
+    enc = next(k for k, v in w2d.items() if k.startswith("encoder.") and v.ndim == 4 and v.shape[-1] == 3)
+    centre = w3d[enc][:, :, w3d[enc].shape[2] // 2]  # centre rule: the 2D kernel in the middle slice only
+    off_centre = torch.cat([w3d[enc][:, :, :w3d[enc].shape[2] // 2], w3d[enc][:, :, w3d[enc].shape[2] // 2 + 1:]], 2)
+    assert torch.allclose(centre, w2d[enc]) and not off_centre.any()
+    load_pretrained_weights(build_3d_network(plans3d, DATASET_JSON), str(out))

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from nnunetv2_vf.architectures.pctnet import PCTNet
+from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES, SMALL_FEATURES, PCTNet
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNET_CLASS_NAME, with_pctnet_architecture
 
@@ -17,7 +17,7 @@ def plans(hippo_dataset):
 
 
 def test_plans_rewrite_fits_patch_and_names_pctnet(plans):
-    new = with_pctnet_architecture(plans, "3d_fullres", features=(8, 16, 32, 64, 128))
+    new = with_pctnet_architecture(plans, "3d_fullres", features=SMALL_FEATURES)
     cfg = new["configurations"]["3d_fullres"]
     assert cfg["architecture"]["network_class_name"] == PCTNET_CLASS_NAME
     assert cfg["patch_size"] == [40, 64, 48]
@@ -33,10 +33,10 @@ def test_plans_rewrite_fits_patch_and_names_pctnet(plans):
 
 
 def test_existing_pctnet_architecture_is_kept(plans):
-    first = with_pctnet_architecture(plans, "3d_fullres", features=(8, 16, 32, 64, 128), resolution_mode=0)
-    second = with_pctnet_architecture(first, "3d_fullres", features=(24, 48, 128, 256, 512))
+    first = with_pctnet_architecture(plans, "3d_fullres", features=SMALL_FEATURES, resolution_mode=0)
+    second = with_pctnet_architecture(first, "3d_fullres", features=PAPER_FEATURES)
     kwargs = second["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    assert kwargs["features_per_stage"] == [8, 16, 32, 64, 128] and kwargs["resolution_mode"] == 0
+    assert kwargs["features_per_stage"] == list(SMALL_FEATURES) and kwargs["resolution_mode"] == 0
     assert second["configurations"]["3d_fullres"]["patch_size"] == [48, 64, 48]
 
 

@@ -12,14 +12,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_vf.architectures.pctnet import PCTNet, pctnet_strides
+from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet, pctnet_strides
 from nnunetv2_vf.pretrain.adapt_plans import adapted_plans, convert_misfm_checkpoint
+from nnunetv2_vf.pretrain.adaptation_plan import (FORMAT, AdaptationPlan, AdaptationPlanError, NNUNET_NETWORK_KEYS,
+                                                   network_keys)
 from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
                                           crop_or_pad, find_images)
 from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility
 
 DEMO = Path(__file__).resolve().parents[1] / "nnunetv2_vf" / "demo_data" / "Dataset004_HippocampusDemo"
-SMALL = (8, 16, 32, 64, 128)
+SMALL = SMALL_FEATURES
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,20 @@ def test_misfm_checkpoint_is_converted(shared_dir, tmp_path):
     assert torch.equal(weights["stem.proj.weight"], ref["embeddings.1.proj.weight"])
     assert plan["architecture_plans"]["arch_kwargs"]["features_per_stage"] == list(SMALL)
     assert (tmp_path / "adaptation_plan.json").is_file()
+    stored = AdaptationPlan.load(tmp_path)
+    assert stored.weights_file == "converted.pth" and stored.keys_to_in_proj == ["stem.proj"]
+    assert stored.volume_fusion == {"variant": "paper", "num_classes": 5}
+
+
+def _small_plan(**changes) -> AdaptationPlan:
+    arch = {"network_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
+            "arch_kwargs": {"features_per_stage": list(SMALL), "resolution_mode": 1, "strides": pctnet_strides(1)},
+            "_kw_requires_import": []}
+    values = dict(trainer_name="test", patch_size=[16, 32, 32], pretrain_num_input_channels=1,
+                  preprocessing={"spacing": [1.5, 0.8, 0.8], "normalization": "CT",
+                                 "nnunet_normalization_scheme": "CTNormalization",
+                                 "intensity_properties": Preprocessing("CT").ct_intensity_properties})
+    return AdaptationPlan.for_network(arch, **{**values, **changes})
 
 
 def test_adapted_plans_reproduce_pretraining_preprocessing(hippo_images):
@@ -158,14 +174,7 @@ def test_adapted_plans_reproduce_pretraining_preprocessing(hippo_images):
                                 "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
                                 "use_mask_for_norm": [False],
                                 "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {}}}}}
-    plan = {"architecture_plans": {"arch_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
-                                   "arch_kwargs": {"features_per_stage": list(SMALL), "resolution_mode": 1,
-                                                   "strides": pctnet_strides(1)},
-                                   "arch_kwargs_requiring_import": []},
-            "patch_size": [16, 32, 32], "pretrain_num_input_channels": 1,
-            "preprocessing": {"spacing": [1.5, 0.8, 0.8], "normalization": "CT",
-                              "nnunet_normalization_scheme": "CTNormalization",
-                              "intensity_properties": Preprocessing("CT").ct_intensity_properties}}
+    plan = _small_plan()
     new = adapted_plans(plans, plan, "3d_fullres", "nnUNetPlans_VF", num_input_channels=1)
     cfg = new["configurations"]["3d_fullres"]
     assert new["plans_name"] == "nnUNetPlans_VF" and cfg["data_identifier"] == "nnUNetPlans_VF_3d_fullres"
@@ -176,6 +185,176 @@ def test_adapted_plans_reproduce_pretraining_preprocessing(hippo_images):
     assert cfg["architecture"]["arch_kwargs"]["features_per_stage"] == list(SMALL)
     kept = adapted_plans(plans, plan, "3d_fullres", "P2", keep_patch_size=True)
     assert kept["configurations"]["3d_fullres"]["patch_size"] == [40, 64, 48]  # rounded to PCT-Net's strides
-    with pytest.raises(ValueError, match="input channels"):
-        adapted_plans(plans, plan, "3d_fullres", "P3", num_input_channels=2)
+    assert adapted_plans(plans, plan, "3d_fullres", "P3", num_input_channels=2)  # 1 -> C: the stem is repeated
+    with pytest.raises(ValueError, match="the dataset has 3 input channels but the pretrained network takes 2"):
+        adapted_plans(plans, _small_plan(pretrain_num_input_channels=2), "3d_fullres", "P3", num_input_channels=3)
     json.dumps(new)  # serialisable
+    assert new["pretrain_info"]["adaptation_plan"]["format"] == FORMAT
+
+
+# ---------------------------------------------------------------------------------------------- adaptation plan
+# what the previous release (format 1) wrote for a PCT-Net run: it must keep loading
+V1_PLAN = {
+    "format": "nnunetv2_vf.adaptation_plan/1", "trainer_name": "nnUNetv2_vf_pretrain",
+    "architecture_plans": {"arch_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
+                           "arch_kwargs": {"features_per_stage": [8, 16, 32, 64, 96], "resolution_mode": 1,
+                                           "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]},
+                           "arch_kwargs_requiring_import": []},
+    "pretrain_num_input_channels": 1, "recommended_downstream_patchsize": [16, 32, 32],
+    "key_to_encoder": "encoder", "key_to_stem": "stem", "keys_to_in_proj": ["stem.proj"], "patch_size": [16, 32, 32],
+    "preprocessing": {"spacing": None, "normalization": "MR", "nnunet_normalization_scheme": "ZScoreNormalization",
+                      "intensity_properties": None, "ct_window": None, "resampling": "nnunetv2 ..."},
+    "volume_fusion": {"variant": "paper", "num_classes": 5},
+    "optimizer": {"name": "Adam", "lr": 0.001}, "iterations": 2, "num_pretraining_images": 3}
+
+
+def test_adaptation_plan_round_trips_and_reads_version_1(tmp_path):
+    plan = _small_plan(volume_fusion={"variant": "grid", "num_classes": 3})
+    again = AdaptationPlan.from_json(plan.to_json())
+    assert again == plan and json.loads(plan.to_json())["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/2"
+    assert plan.keys_to_in_proj == ["stem.proj"] and plan.key_to_stem == "stem"  # declared by PCTNet itself
+    (tmp_path / "adaptation_plan.json").write_text(json.dumps(V1_PLAN))
+    old = AdaptationPlan.load(tmp_path)  # a pretraining output folder works as well as the file
+    assert old.format == FORMAT and old.architecture_plans == V1_PLAN["architecture_plans"]
+    assert old.preprocessing["nnunet_normalization_scheme"] == "ZScoreNormalization" and old.iterations == 2
+    assert old.volume_fusion == {"variant": "paper", "num_classes": 5}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda p: p.pop("preprocessing"), "field 'preprocessing' is missing"),
+    (lambda p: p.pop("keys_to_in_proj"), "field 'keys_to_in_proj' is missing"),
+    (lambda p: p["architecture_plans"].pop("arch_class_name"), "field 'architecture_plans.arch_class_name' is missing"),
+    (lambda p: p.update(patch_size=[16, 32]), "field 'patch_size' must be three positive integers"),
+    (lambda p: p["preprocessing"].update(nnunet_normalization_scheme="RGB"),
+     "'preprocessing.nnunet_normalization_scheme' must be one of"),
+    (lambda p: p["preprocessing"].update(spacing=[1, 0, 1]), "'preprocessing.spacing' must be null"),
+    (lambda p: p.update(pretrain_num_input_channels=0), "'pretrain_num_input_channels' must be an integer >= 1"),
+    (lambda p: p.update(format="nnunetv2_vf.adaptation_plan/9"), "a newer nnunetv2_vf wrote it"),
+    (lambda p: p.pop("format"), "not an adaptation plan of nnUNetv2_vf_pretrain"),
+])
+def test_adaptation_plan_errors_name_the_field_and_the_fix(tmp_path, change, expected):
+    plan = json.loads(json.dumps(V1_PLAN))
+    change(plan)
+    path = tmp_path / "adaptation_plan.json"
+    path.write_text(json.dumps(plan))
+    with pytest.raises(AdaptationPlanError) as e:
+        AdaptationPlan.load(path)
+    assert expected in str(e.value) and str(path) in str(e.value)
+    assert "nnUNetv2_vf_pretrain" in str(e.value)  # the fix: where a valid plan comes from
+    from nnunetv2_vf.pretrain.cli import adapt_plans_main  # the console script: a message, not a traceback
+    with pytest.raises(SystemExit) as e:
+        adapt_plans_main(["-d", "4", "-a", str(path)])
+    assert isinstance(e.value.code, str) and expected in e.value.code
+
+
+def test_adaptation_plan_that_is_not_json(tmp_path):
+    path = tmp_path / "adaptation_plan.json"
+    path.write_text("{truncated")
+    with pytest.raises(AdaptationPlanError, match="is not valid JSON"):
+        AdaptationPlan.load(path)
+    with pytest.raises(FileNotFoundError, match="written by nnUNetv2_vf_pretrain"):
+        AdaptationPlan.load(tmp_path / "nothing")
+
+
+def test_networks_declare_their_stem_encoder_and_input_projection():
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    pct = PCTNet(2, 3, features_per_stage=SMALL)
+    plain = PlainConvUNet(2, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], 2, 3, 2, conv_bias=True)
+    resenc = ResidualEncoderUNet(2, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], [1, 1, 1], 3, 2, conv_bias=True)
+    assert set(NNUNET_NETWORK_KEYS) == {f"{type(n).__module__}.{type(n).__name__}" for n in (plain, resenc)}
+    for net in (pct, plain, resenc):
+        keys = network_keys(f"{type(net).__module__}.{type(net).__name__}")
+        weights = net.state_dict()
+        for proj in keys.keys_to_in_proj:  # the input projection sees the image channels
+            assert weights[f"{proj}.weight"].shape[1] == 2
+        assert any(k.startswith(keys.key_to_stem + ".") for k in weights)
+        assert any(k.startswith(keys.key_to_encoder + ".") for k in weights)
+    with pytest.raises(ValueError, match="key_to_stem, key_to_encoder and keys_to_in_proj"):
+        network_keys("torch.nn.Conv3d")
+
+
+def test_pctnet_sizes_are_defined_once():
+    """The paper's and the small PCT-Net sizes are spelled only in pctnet_sizes.py (the frozen speed baseline
+    excepted): the package and the benchmarks import PAPER_FEATURES / SMALL_FEATURES."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    literal = re.compile(r"24,\s*48,\s*128,\s*256,\s*512|[\[(]8,\s*16,\s*32,\s*64,\s*128[\])]")
+    spelled = [str(f.relative_to(root)) for folder in ("nnunetv2_vf", "benchmarks")
+               for f in (root / folder).rglob("*.py")
+               if f.name not in ("pctnet_sizes.py", "_pctnet_baseline.py") and literal.search(f.read_text())]
+    assert spelled == []
+
+
+def test_pretrain_help_states_the_papers_fusion_knobs():
+    """--vf-* default to None (the paper's values come from FusionParameters); the help text must quote them."""
+    import re
+    from nnunetv2_vf.pretrain.cli import _pretrain_parser
+    from nnunetv2_vf.pretrain.pretrainer import FUSION_SETTINGS
+    from nnunetv2_vf.pretrain.volume_fusion import PAPER_PARAMETERS
+    actions = {a.dest: a for a in _pretrain_parser()._actions}
+    for setting, knob in FUSION_SETTINGS.items():
+        quoted = [float(v) for v in re.search(r"\(paper: ([0-9. ]+)", actions[setting].help).group(1).split()]
+        paper = getattr(PAPER_PARAMETERS, knob)
+        assert quoted == list(paper if isinstance(paper, tuple) else [paper]), setting
+        assert actions[setting].default is None
+
+
+# ---------------------------------------------------------------------------------------------- C input channels
+def test_stem_repeated_over_channels_is_the_mean_of_the_channels():
+    from nnunetv2_vf.pretrain.adapt_plans import repeat_stem_over_channels
+    weight = torch.randn(4, 1, 3, 3, 3)
+    other = torch.randn(4)
+    out = repeat_stem_over_channels({"stem.proj.weight": weight, "stem.proj.bias": other}, ["stem.proj"], 3)
+    assert out["stem.proj.weight"].shape == (4, 3, 3, 3, 3) and out["stem.proj.bias"] is other
+    for c in range(3):
+        torch.testing.assert_close(out["stem.proj.weight"][:, c:c + 1], weight / 3)
+    same = repeat_stem_over_channels({"stem.proj.weight": weight}, ["stem.proj"], 1)["stem.proj.weight"]
+    torch.testing.assert_close(same, weight)
+    with pytest.raises(ValueError, match="only single-channel pretrained stems"):
+        repeat_stem_over_channels({"stem.proj.weight": torch.randn(4, 2, 3, 3, 3)}, ["stem.proj"], 3)
+    with pytest.raises(ValueError, match="hold no encoder.stem.convs.0.conv.weight"):
+        repeat_stem_over_channels({"stem.proj.weight": weight}, ["encoder.stem.convs.0.conv"], 3)
+
+
+def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_path, monkeypatch, capsys):
+    """nnUNetv2_vf_adapt_plans on a 2-channel dataset: the written weights load into the plans' network, which
+    computes on any 2-channel input what the pretrained network computes on the channels' mean."""
+    from nnunetv2_vf.pretrain.cli import adapt_plans_main
+    pretrain = tmp_path / "vf_run"
+    pretrain.mkdir()
+    torch.manual_seed(0)
+    original = PCTNet(1, 5, features_per_stage=SMALL).eval()
+    torch.save({"network_weights": original.state_dict(), "trainer_name": "nnUNetv2_vf_pretrain"},
+               pretrain / "checkpoint_final.pth")
+    _small_plan().save(pretrain / "adaptation_plan.json")
+    folder = tmp_path / "preprocessed" / "Dataset777_TwoChannels"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
+    (folder / "nnUNetPlans.json").write_text(json.dumps({
+        "plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {},
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40], "spacing": [1.0, 1.0, 1.0],
+            "normalization_schemes": ["ZScoreNormalization"] * 2, "use_mask_for_norm": [False] * 2,
+            "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {}}}}}))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json")])
+    converted = pretrain / "checkpoint_final_2ch.pth"
+    assert f"train with -pretrained_weights {converted}" in capsys.readouterr().out
+    plans = json.loads((folder / "nnUNetPlans_VF.json").read_text())
+    assert plans["pretrain_info"]["input_channel_adaptation"]["weights"] == str(converted.resolve())
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"] * 2
+    adapted = PCTNet(2, 5, features_per_stage=SMALL).eval()
+    adapted.load_state_dict(torch.load(converted, weights_only=True)["network_weights"])  # same shapes everywhere
+    x = torch.randn(1, 2, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x)[0], original(x.mean(1, keepdim=True))[0], atol=1e-4, rtol=1e-4)
+        same = x[:, :1].repeat(1, 2, 1, 1, 1)  # identical channels: exactly the image itself
+        torch.testing.assert_close(adapted(same)[0], original(x[:, :1])[0], atol=1e-4, rtol=1e-4)
+    # the weights are required: without them the dataset cannot use the pretraining
+    (pretrain / "checkpoint_final.pth").rename(pretrain / "elsewhere.pth")
+    with pytest.raises(SystemExit) as e:
+        adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json")])
+    assert "2-channel stem" in e.value.code and "with -w" in e.value.code
+    adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json"), "-w",
+                      str(pretrain / "elsewhere.pth")])
+    assert (pretrain / "elsewhere_2ch.pth").is_file()

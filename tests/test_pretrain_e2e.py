@@ -1,6 +1,7 @@
 """End to end: ``nnUNetv2_vf_pretrain`` (single process, resume, torchrun DDP) on real hippocampus MRI, then
 ``nnUNetv2_vf_adapt_plans`` -> ``nnUNetv2_preprocess`` -> ``nnUNetv2_train -tr VFPretrainedTrainer_small_2epochs
--pretrained_weights`` -> ``nnUNetv2_predict``, all through the real console scripts."""
+-pretrained_weights`` -> ``nnUNetv2_predict``, all through the real console scripts; the same for a two-channel
+dataset (the image and a transformed copy), whose pretrained stem is repeated over the channels."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_vf.architectures.pctnet import PCTNet
+from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet
 from nnunetv2_vf.workflow import console_script, run_nnunet
 
-SMALL = ["8", "16", "32", "64", "128"]
+SMALL = [str(f) for f in SMALL_FEATURES]
 COMMON = ["--batch-size", "2", "--patch-size", "16", "32", "32", "--features", *SMALL, "--modality", "MR",
           "--device", "cpu", "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--seed", "7"]
 PLANS = "nnUNetPlans_VF"
@@ -64,7 +65,7 @@ def test_pretrain_outputs_and_exact_resume(pretrained, pretrain_inputs, hippo_da
     plan = json.loads((out / "adaptation_plan.json").read_text())
     assert plan["patch_size"] == [16, 32, 32] and plan["volume_fusion"]["variant"] == "paper"
     assert plan["preprocessing"]["nnunet_normalization_scheme"] == "ZScoreNormalization"
-    assert plan["architecture_plans"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64, 128]
+    assert plan["architecture_plans"]["arch_kwargs"]["features_per_stage"] == list(SMALL_FEATURES)
     assert plan["num_pretraining_images"] == 17  # 16 dataset images + 1 extra; the corrupt one is not counted
     assert "on 17 volumes" in pretrained["first_log"]
 
@@ -162,3 +163,58 @@ def test_pretrain_plans_network(pretrain_inputs, hippo_dataset, tmp_path):
     weights = torch.load(out / "checkpoint_final.pth", weights_only=True)["network_weights"]
     own = net.state_dict()
     assert all(weights[k].shape == v.shape for k, v in own.items() if ".seg_layers." not in k)
+
+
+TWO_CHANNEL_ID = 944
+
+
+@pytest.mark.slow
+def test_two_channel_dataset_finetunes_from_single_channel_pretraining(pretrained, hippo_dataset, shared_dir,
+                                                                        tmp_path):
+    """Issue 10.1: real hippocampus MRI as channel 0 and its square root (another contrast of the same anatomy) as
+    channel 1; adapt_plans writes 2-channel plans and weights; stock preprocess / train / predict run on them."""
+    import SimpleITK as sitk
+    env = hippo_dataset["env"]
+    name = f"Dataset{TWO_CHANNEL_ID:03d}_HippoTwoChannels"
+    raw = Path(env["nnUNet_raw"]) / name
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    source = hippo_dataset["raw"]
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (source / "labelsTr").glob("*.nii.gz"))[:8]
+    for case in cases:
+        image = sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"), sitk.sitkFloat32)
+        sitk.WriteImage(image, str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(sitk.Sqrt(sitk.Abs(image)), str(raw / "imagesTr" / f"{case}_0001.nii.gz"))
+        shutil.copy2(source / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "channel_names": {"0": "MRI", "1": "sqrtMRI"},
+                                                  "numTraining": len(cases), "name": "HippoTwoChannels"}))
+    did = str(TWO_CHANNEL_ID)
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "-np", "1", "--no_pp"], env,
+               echo=False)
+    log = run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", did, "-a", pretrained["dir"] / "adaptation_plan.json",
+                      "-p", PLANS], env, echo=False)
+    weights = pretrained["dir"] / "checkpoint_final_2ch.pth"
+    assert f"-pretrained_weights {weights}" in log
+    converted = torch.load(weights, weights_only=True)["network_weights"]
+    single = torch.load(pretrained["dir"] / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    assert converted["stem.proj.weight"].shape[1] == 2
+    torch.testing.assert_close(converted["stem.proj.weight"].sum(1, keepdim=True), single["stem.proj.weight"])
+    run_nnunet(["nnUNetv2_preprocess", "-d", did, "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"], env,
+               echo=False)
+    log = run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", "VFPretrainedTrainer_small_2epochs",
+                      "-p", PLANS, "-pretrained_weights", weights, "-device", "cpu"], env, echo=False)
+    assert "Loading pretrained weights" in log
+    model_dir = Path(env["nnUNet_results"]) / name / f"VFPretrainedTrainer_small_2epochs__{PLANS}__3d_fullres"
+    tuned = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert tuned["stem.proj.weight"].shape[1] == 2
+    inp, outp = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for f in sorted((raw / "imagesTr").glob(f"{cases[0]}_*.nii.gz")):
+        shutil.copy2(f, inp / f.name)
+    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0",
+                "-tr", "VFPretrainedTrainer_small_2epochs", "-p", PLANS, "-device", "cpu", "--disable_tta",
+                "-npp", "1", "-nps", "1"], env, echo=False)
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(outp / f"{cases[0]}.nii.gz")))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{cases[0]}.nii.gz")))
+    assert predicted.shape == label.shape and set(np.unique(predicted)) <= {0, 1, 2}

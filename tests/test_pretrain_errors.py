@@ -17,13 +17,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
 from nnunetv2_vf.checkpoint_io import WriteError, _writer_id, atomic_write, remove_stale_tmp_files, save_torch
 from nnunetv2_vf.pretrain.cli import pretrain_main
 from nnunetv2_vf.pretrain.dataset import Preprocessing, check_volume_headers, detect_modality, find_images
 from nnunetv2_vf.pretrain.pretrainer import PretrainConfig, VFPretrainer, input_manifest
 from nnunetv2_vf.workflow import console_script
 
-SMALL = ["--features", "8", "16", "32", "64", "128", "--patch-size", "16", "32", "32", "--batch-size", "2",
+SMALL = ["--features", *map(str, SMALL_FEATURES), "--patch-size", "16", "32", "32", "--batch-size", "2",
          "--device", "cpu", "--num-workers", "0"]
 
 
@@ -46,7 +47,7 @@ def _error(argv) -> str:
 
 def _fake_run(out: Path, images: Path, **changes) -> None:
     """The config.json a run writes before its first checkpoint (all --continue needs without a checkpoint)."""
-    settings = dict(normalization="MR", batch_size=2, patch_size=[16, 32, 32], features=[8, 16, 32, 64, 128],
+    settings = dict(normalization="MR", batch_size=2, patch_size=[16, 32, 32], features=list(SMALL_FEATURES),
                     device="cpu", num_workers=0)
     cfg = PretrainConfig(inputs=[str(images)], output_dir=str(out), **{**settings, **changes})
     out.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,17 @@ def _fake_run(out: Path, images: Path, **changes) -> None:
     (["--iterations", "0"], "--iterations must be >= 1 (got 0): e.g. --iterations"),
     (["--iterations", "-5"], "--iterations must be >= 1 (got -5)"),
     (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--vf-classes", "1"], "--vf-classes (fusion classes K) must be an integer from 2 to 256 (got 1)"),
+    (["--vf-boxes", "5", "2"], "--vf-boxes needs MIN MAX with 1 <= MIN <= MAX boxes per sample (got 5 2)"),
+    (["--vf-box-min", "0", "0.1", "0.1"], "--vf-box-min needs three fractions of the crop D H W, each in (0, 1]"),
+    (["--vf-box-max", "0.1", "0.1", "0.1"], "--vf-box-min 0.125 0.0625 0.0625 exceeds --vf-box-max 0.1 0.1 0.1"),
+    (["--variant", "grid", "--vf-foreground-ratio", "0"], "--vf-foreground-ratio (fraction of grid blocks fused"),
+    (["--variant", "grid", "--vf-block-min", "2", "0.1", "0.1"], "--vf-block-min needs three fractions"),
+    (["--variant", "grid", "--vf-block-max", "0.5", "0.5", "1.5"], "--vf-block-max needs three fractions"),
+    (["--vf-foreground-ratio", "0.5"], "--vf-foreground-ratio acts in the 'grid' Volume Fusion variant only, but "
+                                       "this run uses --variant paper: drop --vf-foreground-ratio, or give "
+                                       "--variant grid"),
+    (["--variant", "grid", "--vf-boxes", "2", "4"], "--vf-boxes acts in the 'paper' Volume Fusion variant only"),
 ])
 def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, images, bad, expected):
     out = tmp_path / "run"
@@ -115,12 +127,54 @@ def test_continue_refuses_every_change_of_the_run_and_names_it(tmp_path, images)
     other.mkdir()
     shutil.copy2(next(images.iterdir()), other / "x_0000.nii.gz")
     msg = _error([other, "-o", out, "--continue", "--features", "8", "16", "32", "64", "96", "--modality", "CT",
-                  "--variant", "grid", "--patch-size", "32", "32", "32", "--network", "plans"])
+                  "--variant", "grid", "--patch-size", "32", "32", "32", "--network", "plans", "--vf-classes", "3",
+                  "--vf-boxes", "2", "4"])
     for expected in ("--features: the run has 8 16 32 64 128, the command line asks for 8 16 32 64 96",
+                     "--vf-classes: the run has 5, the command line asks for 3",
+                     "--vf-boxes: the run has 10 40, the command line asks for 2 4",
                      "--modality: the run has MR", "--variant: the run has paper", "--patch-size: the run has 16 32 32",
                      "--network: the run has pctnet", "inputs: the run was started on"):
         assert expected in msg, expected
     assert "Drop these options" in msg
+
+
+def test_continue_compares_the_fusion_knobs_also_with_runs_that_predate_them(tmp_path, images):
+    out = tmp_path / "run"
+    _fake_run(out, images, vf_classes=3, vf_foreground_ratio=0.5, variant="grid")
+    msg = _error(["-o", out, "--continue", "--vf-classes", "5", "--vf-foreground-ratio", "0.7"])
+    assert "--vf-classes: the run has 3, the command line asks for 5" in msg
+    assert "--vf-foreground-ratio: the run has 0.5, the command line asks for 0.7" in msg
+    resumed = VFPretrainer(PretrainConfig(inputs=[], output_dir=str(out), vf_classes=3), resume=True,
+                           explicit={"output_dir", "vf_classes"})  # the same value: accepted
+    assert resumed.fusion.num_classes == 3 and resumed.fusion.foreground_ratio == 0.5
+    old = tmp_path / "old_run"  # a config.json of the release without the knobs: it ran the paper's values
+    _fake_run(old, images)
+    stored = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: v for k, v in stored.items() if not k.startswith("vf_")}))
+    assert "--vf-classes: the run has 5, the command line asks for 3" in _error(["-o", old, "--continue",
+                                                                                 "--vf-classes", "3"])
+    assert VFPretrainer(PretrainConfig(inputs=[], output_dir=str(old)), resume=True,
+                        explicit={"output_dir"}).fusion.num_classes == 5
+
+
+def test_fusion_knobs_are_recorded_and_used(tmp_path, images):
+    """A real one-iteration run with K = 3 and 2..4 boxes: the network, the validation set, config.json and the
+    adaptation plan all follow the knobs."""
+    out = tmp_path / "run"
+    pretrain_main([str(images), "-o", str(out), *SMALL, "--modality", "MR", "--iterations", "1", "--val-samples",
+                   "2", "--no-augmentation", "--vf-classes", "3", "--vf-boxes", "2", "4"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vf_classes"] == 3 and config["vf_boxes"] == [2, 4] and config["vf_foreground_ratio"] == 0.7
+    plan = json.loads((out / "adaptation_plan.json").read_text())
+    assert plan["format"] == "nnunetv2_vf.adaptation_plan/2"
+    assert plan["volume_fusion"] == {"variant": "paper", "num_classes": 3, "num_boxes": [2, 4],
+                                     "box_fraction_min": [0.125, 0.0625, 0.0625], "box_fraction_max": [0.625] * 3,
+                                     "foreground_ratio": 0.7, "block_fraction_min": [0.078125, 0.0625, 0.0625],
+                                     "block_fraction_max": [0.3125, 0.25, 0.25]}
+    with np.load(out / "validation_set.npz") as f:
+        assert set(np.unique(f["target"])) <= {0, 1, 2} and f["target"].max() == 2
+    weights = torch.load(out / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    assert weights["decoder.seg_layers.0.weight"].shape[0] == 3
 
 
 def test_continue_uses_the_runs_settings_from_any_folder_and_accepts_moved_data(tmp_path, images, monkeypatch):
@@ -129,7 +183,7 @@ def test_continue_uses_the_runs_settings_from_any_folder_and_accepts_moved_data(
     monkeypatch.chdir(tmp_path / "..")
     same = VFPretrainer(PretrainConfig(inputs=[], output_dir=str(out), iterations=9), resume=True,
                         explicit={"output_dir", "iterations"})
-    assert same.cfg.inputs == [str(images)] and same.cfg.iterations == 9 and same.cfg.features == [8, 16, 32, 64, 128]
+    assert same.cfg.inputs == [str(images)] and same.cfg.iterations == 9 and same.cfg.features == list(SMALL_FEATURES)
     moved = tmp_path / "moved"
     shutil.move(str(images), moved)
     msg = _error(["-o", out, "--continue"])  # the stored folder is gone: say how to point at the new place
@@ -239,7 +293,7 @@ def test_finetuning_weights_load_weights_only_and_refuse_code(tmp_path):
     refused with what to do instead."""
     from nnunetv2_vf.architectures.pctnet import PCTNet
     from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility
-    net = PCTNet(1, 3, features_per_stage=(8, 16, 32, 64, 128))
+    net = PCTNet(1, 3, features_per_stage=SMALL_FEATURES)
     nnunet_style = tmp_path / "checkpoint_final.pth"
     torch.save({"network_weights": net.state_dict(), "logging": {"mean_fg_dice": [np.float64(0.5)]},
                 "init_args": {"device": torch.device("cpu")}, "inference_allowed_mirroring_axes": (0, 1, 2)},
@@ -265,7 +319,7 @@ def test_overwrite_starts_a_new_run_without_the_old_validation_set(tmp_path, ima
                    "2", "--no-augmentation", "--overwrite"])
     with np.load(out / "validation_set.npz") as f:
         assert f["data"].shape == (2, 1, 16, 32, 32)
-    assert json.loads((out / "config.json").read_text())["features"] == [8, 16, 32, 64, 128]
+    assert json.loads((out / "config.json").read_text())["features"] == list(SMALL_FEATURES)
     assert torch.load(out / "checkpoint_latest.pth", weights_only=True)["iteration"] == 1
     assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == []
 

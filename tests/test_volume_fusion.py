@@ -15,8 +15,8 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 
 from nnunetv2_vf.pretrain.volume_fusion import (
-    VolumeFusionTransform, downsample_labels, grid_block_labels, grid_block_size_range, paint_boxes,
-    paper_box_labels, paper_box_size_range, sample_paper_boxes, volume_fusion)
+    PAPER_PARAMETERS, FusionParameters, VolumeFusionTransform, downsample_labels, grid_block_labels,
+    grid_block_size_range, paint_boxes, paper_box_labels, paper_box_size_range, sample_paper_boxes, volume_fusion)
 
 CROP = (16, 24, 20)
 
@@ -71,19 +71,32 @@ def test_volume_fusion_of_a_real_image_batch(hippo_images):
 # ---------------------------------------------------------------------------------------------- statistics
 # Sample std of the per-map class-0 fraction at 64x128x128 is ~0.14 (paper) / ~0.06 (grid), of one foreground
 # class ~0.08 / ~0.025; with 160 maps the standard errors are ~0.011 / 0.0045 and ~0.006 / 0.002, so the
-# tolerances below are about 4 standard errors around the reference values of the spec.
-@pytest.mark.parametrize("make_labels, background, background_tol, per_class, class_tol", [
-    (paper_box_labels, 0.485, 0.045, 0.129, 0.025),
-    (grid_block_labels, 0.44, 0.02, 0.14, 0.01),
+# tolerances below are about 4 standard errors around the reference values of the spec. With K classes the
+# untouched fraction does not depend on K and the rest splits evenly over the K - 1 foreground classes (a
+# foreground class' standard error grows about as the root of its share: tolerance scaled by sqrt(4 / (K - 1)));
+# a fused block fraction r leaves 1 - r * (1 - 0.44) / 0.7 of the grid untouched.
+@pytest.mark.parametrize("num_classes, ratio", [(5, 0.7), (3, 0.7), (2, 0.7), (7, 0.7), (5, 0.35)])
+@pytest.mark.parametrize("make_labels, background, background_tol, class_tol", [
+    (paper_box_labels, 0.485, 0.045, 0.025),
+    (grid_block_labels, 0.44, 0.02, 0.01),
 ])
-def test_class_fractions_match_reference(make_labels, background, background_tol, per_class, class_tol):
+def test_class_fractions_match_reference(make_labels, background, background_tol, class_tol, num_classes, ratio):
+    params = FusionParameters(num_classes=num_classes, foreground_ratio=ratio)
+    if make_labels is grid_block_labels:
+        background = 1 - ratio * (1 - background) / 0.7
+    elif ratio != 0.7:
+        pytest.skip("the foreground ratio acts in the grid variant only")
     rng = np.random.default_rng(123)
-    counts = np.zeros(5)
+    counts = np.zeros(num_classes)
     for _ in range(160):
-        counts += np.bincount(make_labels((64, 128, 128), rng).ravel(), minlength=5)
+        labels = make_labels((64, 128, 128), rng, params)
+        assert labels.max() <= num_classes - 1
+        counts += np.bincount(labels.ravel(), minlength=num_classes)
     fractions = counts / counts.sum()
+    assert len(fractions) == num_classes
     assert abs(fractions[0] - background) < background_tol, fractions
-    assert np.all(np.abs(fractions[1:] - per_class) < class_tol), fractions
+    per_class = (1 - background) / (num_classes - 1)
+    assert np.all(np.abs(fractions[1:] - per_class) < class_tol * (4 / (num_classes - 1)) ** 0.5), fractions
 
 
 def test_paper_box_sizes_scale_with_the_crop():
@@ -328,3 +341,70 @@ def test_fused_contrast_remap_equals_segment_lookup_at_the_knots():
         flipped = np.empty_like(x)
         _remap_into(x, knots, np.flip(flipped, axis=(0, 2)))  # writing through a flipped view
         np.testing.assert_array_equal(np.flip(flipped, axis=(0, 2)), out)
+
+
+# ---------------------------------------------------------------------------------------------- the knobs
+def test_default_knobs_are_the_papers_and_draw_the_same_maps():
+    assert PAPER_PARAMETERS == FusionParameters(5, (10, 40), (1 / 8, 1 / 16, 1 / 16), (5 / 8,) * 3, 0.7,
+                                                (5 / 64, 1 / 16, 1 / 16), (20 / 64, 1 / 4, 1 / 4))
+    for make in (paper_box_labels, grid_block_labels):  # an explicit default = no parameters
+        np.testing.assert_array_equal(make(CROP, np.random.default_rng(3)),
+                                      make(CROP, np.random.default_rng(3), FusionParameters()))
+
+
+@pytest.mark.parametrize("variant", ["paper", "grid"])
+def test_fusion_with_three_classes_uses_halves(variant):
+    params = FusionParameters(num_classes=3)
+    batch = _batch()
+    fused, labels, fg, bg = volume_fusion(batch, np.random.default_rng(4), variant, params=params,
+                                          return_sources=True)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    alpha = labels.astype(np.float64) / 2
+    np.testing.assert_allclose(fused, alpha * fg + (1 - alpha) * bg, rtol=0, atol=1e-6)
+    # the in-place float32 path of the grid variant gives the same bits
+    fast, fast_labels = volume_fusion(batch, np.random.default_rng(4), variant, params=params)
+    np.testing.assert_array_equal(fast_labels, labels)
+    np.testing.assert_array_equal(fast, fused)
+    transform = VolumeFusionTransform(variant, seed=1, params=params)
+    assert transform(data=batch.copy())["target"].max() == 2 and "num_classes=3" in repr(transform)
+
+
+def test_box_count_and_size_knobs():
+    shape = (16, 32, 48)
+    params = FusionParameters(num_boxes=(2, 3), box_fraction_min=(0.25, 0.25, 0.25), box_fraction_max=(0.5,) * 3)
+    lo, hi = paper_box_size_range(shape, params)
+    assert lo.tolist() == [4, 8, 12] and hi.tolist() == [8, 16, 24]
+    rng = np.random.default_rng(0)
+    drawn = [sample_paper_boxes(shape, rng, params) for _ in range(300)]
+    assert {len(classes) for _, _, classes in drawn} == {2, 3}
+    sizes = np.concatenate([s for _, s, _ in drawn])
+    assert sizes.min(0).tolist() == lo.tolist() and sizes.max(0).tolist() == hi.tolist()
+
+
+def test_grid_block_knobs():
+    shape = np.array([32, 40, 36])
+    params = FusionParameters(block_fraction_min=(0.25,) * 3, block_fraction_max=(0.25,) * 3, foreground_ratio=0.5)
+    lo, hi = grid_block_size_range(shape, params)
+    assert lo.tolist() == hi.tolist() == [8, 10, 9]
+    labels = grid_block_labels(shape, np.random.default_rng(1), params)
+    blocks = labels.reshape(4, 8, 4, 10, 4, 9)[:, 0, :, 0, :, 0]  # 4 x 4 x 4 blocks fill the crop exactly
+    assert np.count_nonzero(blocks) == 32  # floor(0.5 * 64)
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    (dict(num_classes=1), "--vf-classes (fusion classes K) must be an integer from 2 to 256 (got 1)"),
+    (dict(num_classes=300), "--vf-classes (fusion classes K) must be an integer from 2 to 256 (got 300)"),
+    (dict(num_boxes=(0, 4)), "--vf-boxes needs MIN MAX with 1 <= MIN <= MAX boxes per sample (got 0 4)"),
+    (dict(num_boxes=(9, 4)), "--vf-boxes needs MIN MAX with 1 <= MIN <= MAX"),
+    (dict(box_fraction_min=(0, 0.1, 0.1)), "--vf-box-min needs three fractions of the crop D H W, each in (0, 1]"),
+    (dict(box_fraction_max=(1.5, 0.5, 0.5)), "--vf-box-max needs three fractions"),
+    (dict(box_fraction_min=(0.7, 0.1, 0.1)), "--vf-box-min 0.7 0.1 0.1 exceeds --vf-box-max 0.625 0.625 0.625"),
+    (dict(foreground_ratio=0.0), "--vf-foreground-ratio (fraction of grid blocks fused with the foreground) must"),
+    (dict(foreground_ratio=1.2), "must be in (0, 1] (got 1.2)"),
+    (dict(block_fraction_min=(0.1, 0.1)), "--vf-block-min needs three fractions"),
+    (dict(block_fraction_max=(0.05, 0.25, 0.25)), "--vf-block-min 0.078125 0.0625 0.0625 exceeds --vf-block-max"),
+])
+def test_bad_knobs_name_the_option_and_the_papers_value(knobs, expected):
+    with pytest.raises(ValueError) as e:
+        FusionParameters(**knobs)
+    assert expected in str(e.value) and "the paper's" in str(e.value)

@@ -41,7 +41,7 @@ def check_timm_encoder_name(encoder_name: str) -> None:
     if encoder_name not in timm.list_models():
         close = difflib.get_close_matches(encoder_name, timm.list_models(), n=6, cutoff=0.5)
         raise ValueError(f"unknown timm encoder {encoder_name!r}; close matches: {close or 'none'}. Set "
-                         f"nnUNet_vf_encoder (or arch_kwargs['encoder_name'] in the plans) to a name from "
+                         f"nnUNetv2_vf_plan_network --encoder (arch_kwargs['encoder_name'] in the plans) to a name from "
                          f"timm.list_models(), e.g. 'efficientnet_lite0' or 'resnet18'.")
 
 

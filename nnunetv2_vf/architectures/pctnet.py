@@ -8,7 +8,9 @@ Differences from the authors' module, all deliberate:
 - window partition, padding and shift masks are computed from the actual input, so one set of weights runs on any
   patch whose sides are divisible by :func:`required_divisibility`;
 - relative-position tables always have the full ``(2 * window_size - 1) ** 3`` rows; a block whose token grid is
-  smaller than the window uses the central part of the same table, so weights never depend on the patch size;
+  not larger than the window shrinks its window as the reference does, and reads the reference's smaller table
+  from the centre of the full one (:func:`centre_table_rows`), so one set of weights runs on any valid patch and
+  the authors' checkpoints with shrunken tables load exactly;
 - the unused per-block LayerNorm of the reference is not created;
 - the final 1x1x1 classifiers live in ``decoder.seg_layers`` (nnU-Net's ``-pretrained_weights`` skips them) and
   their norm/activation in ``decoder.heads`` (those transfer).
@@ -26,10 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES, SMALL_FEATURES
 from nnunetv2_vf.checkpoint_io import read_weights_file
 
 __all__ = ["PCTNet", "pctnet_strides", "required_divisibility", "fit_patch_size", "load_misfm_weights",
-           "convert_misfm_state_dict", "misfm_relative_position_index"]
+           "convert_misfm_state_dict", "misfm_relative_position_index", "centre_table_rows",
+           "place_table_at_centre", "PAPER_FEATURES", "SMALL_FEATURES"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,16 +259,51 @@ def misfm_relative_position_index(window: int, table_window: int | None = None) 
 
     Reproduces the reference's quirk (row = a*(3w-1) + b*(2w-1) + c rather than a*(2w-1)**2 + ...) so that its
     published tables mean the same thing here.  ``table_window`` (default ``window``) is the window the table was
-    built for; a smaller effective window indexes the centre of that table.
+    built for; a smaller effective window reads the reference's smaller table placed at the centre of that table
+    (:func:`centre_table_rows`).
     """
     return _relative_position_index(int(window), int(table_window or window)).clone()
+
+
+def centre_table_rows(window: int, table_window: int) -> torch.Tensor:
+    """Row of a ``(2 * table_window - 1) ** 3`` bias table that holds each row of a ``(2 * window - 1) ** 3`` table
+    placed at its centre (pure function; [(2 * window - 1) ** 3] int64, identity when the windows are equal).
+    """
+    window, table_window = int(window), int(table_window)
+    if not 1 <= window <= table_window:
+        raise ValueError(f"a window of {window} cannot be read from the table of window {table_window} "
+                         f"(need 1 <= window <= table_window)")
+    # Both tables are read as cubes in C order: row r of a table of side s = 2w - 1 is the voxel
+    # (r // s**2, r // s % s, r % s).  The small cube (side 2w' - 1) sits inside the full one (side 2w - 1) with the
+    # margin w - w' on every axis, so the two cubes share their centre voxel.  Placement is by row, not by relative
+    # offset: the reference's quirky index is not a cube layout (rows collide, e.g. for w' = 4 offsets that share a
+    # full-window row have different small-window rows), so no placement by offset can reproduce a shrunken table;
+    # the rows of a window-w' level are therefore not the rows the full window uses for the same offsets, just as
+    # the reference's table for another window is another tensor.
+    small, full, margin = 2 * window - 1, 2 * table_window - 1, table_window - window
+    cube = torch.arange(small) + margin
+    return ((cube[:, None, None] * full + cube[None, :, None]) * full + cube[None, None, :]).reshape(-1)
+
+
+def place_table_at_centre(table: torch.Tensor, table_window: int) -> torch.Tensor:
+    """A ``[(2 * table_window - 1) ** 3, heads]`` table holding a smaller reference table ``[(2w' - 1) ** 3, heads]``
+    at its centre (:func:`centre_table_rows`); the other rows are zero: the reference has no values for them, and a
+    zero bias prefers no offset should a larger patch use the full window (pure function)."""
+    side = round(table.shape[0] ** (1 / 3))
+    if table.ndim != 2 or side ** 3 != table.shape[0] or side % 2 == 0 or side > 2 * table_window - 1:
+        raise ValueError(f"a relative-position bias table has (2w - 1)**3 rows x heads for a window w <= "
+                         f"{table_window}; got shape {tuple(table.shape)}")
+    out = table.new_zeros(((2 * table_window - 1) ** 3, table.shape[1]))
+    out[centre_table_rows((side + 1) // 2, table_window)] = table
+    return out
 
 
 @lru_cache(maxsize=16)
 def _relative_position_index(window: int, table_window: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(*[torch.arange(window)] * 3, indexing="ij")).flatten(1)  # [3, w^3]
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)  # [w^3, w^3, 3]
-    return rel[..., 0] * (3 * table_window - 1) + rel[..., 1] * (2 * table_window - 1) + rel[..., 2]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [w^3, w^3, 3]
+    quirk = rel[..., 0] * (3 * window - 1) + rel[..., 1] * (2 * window - 1) + rel[..., 2]
+    return centre_table_rows(window, table_window)[quirk]
 
 
 @lru_cache(maxsize=32)
@@ -598,9 +637,13 @@ class PCTNet(nn.Module):
     restored RNG state; BatchNorm running statistics are updated once). It changes no weights, so it can be
     switched in nnU-Net plans' ``arch_kwargs``.
     """
+    # state-dict prefixes for fine-tuning (see nnunetv2_vf.pretrain.adaptation_plan.network_keys)
+    key_to_stem = "stem"
+    key_to_encoder = "encoder"
+    keys_to_in_proj = ("stem.proj",)
 
     def __init__(self, input_channels: int, num_classes: int,
-                 features_per_stage: Sequence[int] = (24, 48, 128, 256, 512), resolution_mode: int = 1,
+                 features_per_stage: Sequence[int] = PAPER_FEATURES, resolution_mode: int = 1,
                  dropout: Sequence[float] = (0.0, 0.0, 0.2, 0.2, 0.2), depths: Sequence[int] = (2, 2, 2),
                  num_heads: Sequence[int] = (4, 8, 16), window_size: int = 6, deep_supervision: bool = True,
                  drop_path_rate: float = 0.2, strides: Sequence[Sequence[int]] | None = None,
@@ -724,7 +767,9 @@ def _load_checkpoint_file(checkpoint: str | os.PathLike) -> dict:
 def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = False) -> dict:
     """Load the authors' PCT-Net checkpoint (path, or dict with ``model_state_dict``) into ``model`` (a PCTNet).
 
-    Every non-classifier tensor must match by name and shape, otherwise a ValueError lists the mismatches.  The
+    Every non-classifier tensor must match by name and shape, otherwise a ValueError lists the mismatches; a smaller
+    relative-position table (a level whose window the reference shrank to its token grid) is placed at the centre of
+    the full table (:func:`place_table_at_centre`, listed in the report's ``shrunken_tables``).  The
     1x1x1 classifiers (``decoder.seg_layers``) are loaded only when their shapes match (same class count), or
     required to with ``strict_classifier``.  Returns a report dict (loaded / skipped classifier keys).
     """
@@ -742,6 +787,7 @@ def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = F
               len(model.encoder.pct4.swin.blocks)]
     converted = convert_misfm_state_dict(state, model.resolution_mode, depths)
     own = model.state_dict()
+    shrunken = _place_shrunken_tables(converted, own)
     problems = []
     for key, value in own.items():
         if key not in converted:
@@ -757,4 +803,22 @@ def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = F
     skipped = [k for k in converted if ".seg_layers." in k and converted[k].shape != own[k].shape]
     loadable = {k: v for k, v in converted.items() if k not in skipped}
     model.load_state_dict(loadable, strict=False)
-    return {"loaded": sorted(loadable), "skipped_classifier": skipped}
+    return {"loaded": sorted(loadable), "skipped_classifier": skipped, "shrunken_tables": shrunken}
+
+
+def _place_shrunken_tables(converted: dict, own: dict) -> dict[str, int]:
+    """Put every smaller bias table of ``converted`` (a level whose window the reference shrank to its grid) at the
+    centre of the model's full table, in place; returns {key: shrunken window}.  Tables that are not a smaller cube
+    are left for the shape check to report."""
+    shrunken = {}
+    for key, value in list(converted.items()):
+        if not key.endswith("relative_position_bias_table") or key not in own or value.shape == own[key].shape:
+            continue
+        full_rows, heads = own[key].shape
+        table_window = (round(full_rows ** (1 / 3)) + 1) // 2
+        side = round(value.shape[0] ** (1 / 3)) if value.ndim == 2 else 0
+        if value.ndim == 2 and value.shape[1] == heads and side ** 3 == value.shape[0] and side % 2 \
+                and side < 2 * table_window - 1:
+            converted[key] = place_table_at_centre(value, table_window)
+            shrunken[key] = (side + 1) // 2
+    return shrunken

@@ -12,40 +12,42 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES
 from nnunetv2_vf.checkpoint_io import atomic_write, save_torch
 from nnunetv2_vf.plans import effective_configuration
+from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan
 from nnunetv2_vf.pretrain.dataset import CT_WINDOW, Preprocessing
 
 __all__ = ["load_adaptation_plan", "adapted_plans", "adapt_plans", "convert_misfm_checkpoint",
-           "MISFM_ADAPTATION_PLAN"]
+           "MISFM_ADAPTATION_PLAN", "repeat_stem_over_channels", "write_multichannel_weights",
+           "INPUT_CHANNEL_RULE"]
+
+INPUT_CHANNEL_RULE = ("single-channel input kernels repeated over the C channels and scaled by 1/C (timm's "
+                      "adapt_input_conv rule): on C identical channels, or any channels' mean, the network "
+                      "computes what the pretrained one computes on that image")
 
 
-def load_adaptation_plan(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "adaptation_plan.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"adaptation plan {path} not found; it is written by nnUNetv2_vf_pretrain (or "
-                                f"nnUNetv2_vf_convert_misfm) into its output folder")
-    with open(path) as f:
-        plan = json.load(f)
-    for key in ("architecture_plans", "preprocessing", "patch_size"):
-        if key not in plan:
-            raise ValueError(f"{path} lacks {key!r}: not an adaptation plan of nnUNetv2_vf_pretrain")
-    return plan
+def load_adaptation_plan(path: str | os.PathLike) -> AdaptationPlan:
+    """:meth:`AdaptationPlan.load` (the name earlier releases exported)."""
+    return AdaptationPlan.load(path)
 
 
-def adapted_plans(plans: dict, plan: dict, configuration: str, plans_name: str,
+def adapted_plans(plans: dict, plan: AdaptationPlan | dict, configuration: str, plans_name: str,
                   keep_patch_size: bool = False, num_input_channels: Optional[int] = None) -> dict:
-    """Pure function: ``plans`` with ``configuration`` set up like the pretraining described by ``plan``."""
+    """Pure function: ``plans`` with ``configuration`` set up like the pretraining described by ``plan`` (an
+    :class:`AdaptationPlan`, or its dict form, which is validated)."""
+    if not isinstance(plan, AdaptationPlan):
+        plan = AdaptationPlan.from_dict(plan)
     plans = copy.deepcopy(plans)
     configurations = plans["configurations"]
     if configuration not in configurations:
         raise KeyError(f"configuration {configuration!r} not in the plans (have {sorted(configurations)})")
-    if num_input_channels is not None and num_input_channels != plan.get("pretrain_num_input_channels", 1):
+    if (num_input_channels is not None and num_input_channels != plan.pretrain_num_input_channels
+            and plan.pretrain_num_input_channels != 1):  # 1 -> C: repeat_stem_over_channels
         raise ValueError(f"the dataset has {num_input_channels} input channels but the pretrained network takes "
-                         f"{plan.get('pretrain_num_input_channels', 1)}; pretrain on images with as many channels or "
-                         f"fine-tune a single-channel dataset")
+                         f"{plan.pretrain_num_input_channels}; pretrain on images with as many channels (or on "
+                         f"single-channel images, whose stem is then repeated over the channels), or fine-tune a "
+                         f"dataset with {plan.pretrain_num_input_channels} channels")
     old_name = plans["plans_name"]
     for c, cfg in configurations.items():  # as nnUNetv2_move_plans_between_datasets: own preprocessed folders
         if "data_identifier" in cfg:
@@ -58,7 +60,7 @@ def adapted_plans(plans: dict, plan: dict, configuration: str, plans_name: str,
     if len(effective["patch_size"]) != 3:
         raise ValueError(f"configuration {configuration!r} is 2D; Volume Fusion weights are 3D: use 3d_fullres")
 
-    pre = plan["preprocessing"]
+    pre = plan.preprocessing
     n_channels = len(effective.get("normalization_schemes", ["x"]))
     if pre.get("spacing") is not None:
         cfg["spacing"] = [float(s) for s in pre["spacing"]]
@@ -68,10 +70,10 @@ def adapted_plans(plans: dict, plan: dict, configuration: str, plans_name: str,
         props = pre.get("intensity_properties") or Preprocessing("CT").ct_intensity_properties
         plans["foreground_intensity_properties_per_channel"] = {str(i): dict(props) for i in range(n_channels)}
 
-    arch = plan["architecture_plans"]
+    arch = plan.architecture_plans
     arch_kwargs = copy.deepcopy(arch["arch_kwargs"])
     strides = arch_kwargs.get("strides")
-    patch = list(effective["patch_size"]) if keep_patch_size else list(plan["patch_size"])
+    patch = list(effective["patch_size"]) if keep_patch_size else list(plan.patch_size)
     if strides is not None:
         import numpy as np
         div = np.prod(np.vstack(strides), axis=0)
@@ -81,18 +83,70 @@ def adapted_plans(plans: dict, plan: dict, configuration: str, plans_name: str,
                            "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import", []))}
     # upstream nnU-Net (master) records where pretrained weights came from in a 'pretrain_info' block
     plans["pretrain_info"] = {"method": "Volume Fusion (MIS-FM)", "source": "nnunetv2_vf",
-                              "adaptation_plan": plan, "configuration": configuration}
+                              "adaptation_plan": plan.to_dict(), "configuration": configuration}
     return plans
+
+
+def repeat_stem_over_channels(weights: dict, keys_to_in_proj, channels: int) -> dict:
+    """Pure function: ``weights`` (a state dict) whose single-channel input projections ``keys_to_in_proj`` take
+    ``channels`` inputs, by :data:`INPUT_CHANNEL_RULE`; every other tensor is shared, not copied."""
+    from nnunetv2_vf.architectures.inflate import adapt_input_conv_weight
+    out = dict(weights)
+    for key in keys_to_in_proj:
+        weight = weights.get(f"{key}.weight")
+        if weight is None:
+            raise ValueError(f"the pretrained weights hold no {key}.weight (the network's declared input "
+                             f"projection): they do not belong to the adaptation plan's network")
+        if weight.shape[1] != 1:
+            raise ValueError(f"{key}.weight takes {weight.shape[1]} input channels; only single-channel "
+                             f"pretrained stems are repeated over the channels")
+        # timm's rule maps an RGB kernel to C channels (repeat, scale 3/C); the RGB kernel that equals this
+        # grey one on grey input is a third of it per channel, so the result is the kernel repeated and / C
+        rgb = weight.detach().float().repeat(1, 3, *([1] * (weight.ndim - 2))) / 3
+        out[f"{key}.weight"] = adapt_input_conv_weight(rgb, channels).to(weight.dtype)
+    return out
+
+
+def write_multichannel_weights(weights_file: str | os.PathLike, plan: AdaptationPlan, channels: int) -> Path:
+    """Write ``<weights>_<C>ch.pth`` next to ``weights_file`` (an nnU-Net ``-pretrained_weights`` file with a
+    single-channel stem) with the stem for ``channels`` inputs; returns its path."""
+    from nnunetv2_vf.checkpoint_io import read_weights_file
+    weights_file = Path(weights_file)
+    ckpt = read_weights_file(weights_file, "pretrained weights",
+                             "nnUNetv2_vf_pretrain writes OUTPUT_DIR/checkpoint_final.pth; give it with -w",
+                             "give an intact checkpoint_final.pth of nnUNetv2_vf_pretrain or nnUNetv2_vf_convert_misfm",
+                             allow_numpy=True)
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise ValueError(f"{weights_file} holds no 'network_weights': give the checkpoint_final.pth of "
+                         f"nnUNetv2_vf_pretrain or the file nnUNetv2_vf_convert_misfm wrote, with -w")
+    weights = repeat_stem_over_channels(ckpt["network_weights"], plan.keys_to_in_proj, channels)
+    target = weights_file.with_name(f"{weights_file.stem}_{channels}ch.pth")
+    save_torch({**{k: v for k, v in ckpt.items() if k in ("trainer_name", "architecture")},
+                "network_weights": weights, "input_channel_adaptation": INPUT_CHANNEL_RULE}, target,
+               "converted weights")
+    return target
+
+
+def default_weights_file(adaptation_plan: str | os.PathLike, plan: AdaptationPlan) -> Path:
+    """The weights that belong to a plan file: its ``weights_file`` in the plan's folder (format 1 plans: the
+    folder's ``checkpoint_final.pth``)."""
+    path = Path(adaptation_plan)
+    folder = path if path.is_dir() else path.parent
+    return folder / (plan.weights_file or "checkpoint_final.pth")
 
 
 def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configuration: str = "3d_fullres",
                 source_plans: str = "nnUNetPlans", plans_name: str = "nnUNetPlans_VF",
-                keep_patch_size: bool = False) -> Path:
-    """Write ``nnUNet_preprocessed/DatasetXXX/<plans_name>.json``; returns its path."""
+                keep_patch_size: bool = False, weights_file: Optional[str | os.PathLike] = None
+                ) -> tuple[Path, Optional[Path]]:
+    """Write ``nnUNet_preprocessed/DatasetXXX/<plans_name>.json``; for a dataset with more input channels than the
+    single-channel pretraining also the pretrained weights with a C-channel stem (:func:`write_multichannel_weights`,
+    from ``weights_file``, default :func:`default_weights_file`). Returns (plans path, converted weights or None)."""
+    plan = load_adaptation_plan(adaptation_plan)  # the plan first: its problems do not depend on the dataset
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.file_path_utilities import maybe_convert_to_dataset_name
     if not nnUNet_preprocessed:  # nnU-Net 2.8's lazy path object: falsy when the variable is unset
-        raise RuntimeError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
+        raise ValueError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
     name = maybe_convert_to_dataset_name(dataset)
     folder = Path(nnUNet_preprocessed) / name
     source = folder / f"{source_plans}.json"
@@ -102,19 +156,27 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     plans = json.loads(source.read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    new = adapted_plans(plans, load_adaptation_plan(adaptation_plan), configuration, plans_name, keep_patch_size,
-                        channels)
+    new = adapted_plans(plans, plan, configuration, plans_name, keep_patch_size, channels)
+    converted = None
+    if channels != plan.pretrain_num_input_channels:
+        source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
+        if not source_weights.is_file():
+            raise FileNotFoundError(f"the dataset has {channels} input channels, so the pretrained weights get a "
+                                    f"{channels}-channel stem, but {source_weights} does not exist: give the "
+                                    f"pretraining's checkpoint_final.pth (or the converted MIS-FM file) with -w")
+        converted = write_multichannel_weights(source_weights, plan, channels)
+        new["pretrain_info"]["input_channel_adaptation"] = {"rule": INPUT_CHANNEL_RULE, "channels": channels,
+                                                            "source_weights": str(source_weights.resolve()),
+                                                            "weights": str(converted.resolve())}
     target = folder / f"{plans_name}.json"
     atomic_write(target, lambda f: f.write(json.dumps(new, indent=2).encode()), "plans")
-    return target
+    return target, converted
 
 
+# what every converted MIS-FM checkpoint shares: the authors' pipeline (native spacing, HU clipped to
+# [-1000, 1000] -> [-1, 1], 64x128x128 crops, the 'paper' fusion task with 5 classes)
 MISFM_ADAPTATION_PLAN = {
-    "format": "nnunetv2_vf.adaptation_plan/1",
     "trainer_name": "MIS-FM (converted by nnUNetv2_vf_convert_misfm)",
-    "pretrain_num_input_channels": 1,
-    "key_to_encoder": "encoder", "key_to_stem": "stem", "keys_to_in_proj": ["stem.proj"],
-    # the authors' pipeline: native spacing, HU clipped to [-1000, 1000] -> [-1, 1], 64x128x128 crops
     "preprocessing": {"spacing": None, "normalization": "CT", "nnunet_normalization_scheme": "CTNormalization",
                       "intensity_properties": Preprocessing("CT").ct_intensity_properties,
                       "ct_window": list(CT_WINDOW)},
@@ -123,8 +185,9 @@ MISFM_ADAPTATION_PLAN = {
 
 
 def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
-                             features: Sequence[int] = (24, 48, 128, 256, 512), resolution_mode: int = 1) -> dict:
-    """MIS-FM ``pctnet_ct10k_volf.pt`` -> ``{'network_weights': ...}`` (weights-only loadable) + adaptation plan."""
+                             features: Sequence[int] = PAPER_FEATURES, resolution_mode: int = 1) -> dict:
+    """MIS-FM ``pctnet_ct10k_volf.pt`` -> ``{'network_weights': ...}`` (weights-only loadable) + adaptation plan.
+    Returns the plan's dict form, with ``written_to`` (the plan file)."""
     from nnunetv2_vf.architectures.pctnet import PCTNet, fit_patch_size, load_misfm_weights, pctnet_strides
     from nnunetv2_vf.architectures.pctnet import _load_checkpoint_file
     state = _load_checkpoint_file(source)
@@ -136,23 +199,23 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
         load_misfm_weights(model, state)
     except ValueError as e:
         raise ValueError(f"{source}: {e}\n(give --features / --resolution-mode of the checkpoint; the published "
-                         f"pctnet_ct10k_volf.pt uses 24 48 128 256 512 and resolution mode 1)") from e
+                         f"pctnet_ct10k_volf.pt uses {' '.join(map(str, PAPER_FEATURES))} and resolution mode 1)"
+                         ) from e
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted"}, target, "converted weights")
-    plan = dict(copy.deepcopy(MISFM_ADAPTATION_PLAN))
-    plan["pretrain_num_input_channels"] = in_channels
-    plan["architecture_plans"] = {"arch_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
-                                  "arch_kwargs": {"features_per_stage": list(map(int, features)),
-                                                  "resolution_mode": int(resolution_mode),
-                                                  "strides": pctnet_strides(resolution_mode)},
-                                  "arch_kwargs_requiring_import": []}
-    plan["patch_size"] = plan["recommended_downstream_patchsize"] = fit_patch_size((64, 128, 128), resolution_mode)
+    patch = fit_patch_size((64, 128, 128), resolution_mode)
+    plan = AdaptationPlan.for_network(
+        {"network_class_name": f"{PCTNet.__module__}.{PCTNet.__name__}",
+         "arch_kwargs": {"features_per_stage": list(map(int, features)), "resolution_mode": int(resolution_mode),
+                         "strides": pctnet_strides(resolution_mode)},
+         "_kw_requires_import": []},
+        pretrain_num_input_channels=in_channels, patch_size=patch, recommended_downstream_patchsize=list(patch),
+        weights_file=target.name, **copy.deepcopy(MISFM_ADAPTATION_PLAN))
     # never overwrite the plan of a pretraining run that lives in the same folder
     plan_file = target.parent / "adaptation_plan.json"
     if plan_file.exists():
         plan_file = target.parent / f"{target.stem}.adaptation_plan.json"
-    atomic_write(plan_file, lambda f: f.write(json.dumps(plan, indent=2).encode()), "adaptation plan")
-    plan["written_to"] = str(plan_file)
-    return plan
+    plan.save(plan_file)
+    return {**plan.to_dict(), "written_to": str(plan_file)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES
+
 __all__ = ["pretrain_main", "adapt_plans_main", "convert_misfm_main"]
 
 
@@ -62,11 +64,32 @@ def _pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["paper", "grid"], default="paper",
                    help="Volume Fusion variant: 'paper' fuses boxes of another sample of the batch, 'grid' fuses two "
                         "augmented crops of the same sample on a block grid")
+    # the pretext task's parameters (MIS-FM's ablations); omitted: the paper's values (FusionParameters)
+    vf = p.add_argument_group("Volume Fusion task arguments (if omitted: the paper's values)")
+    vf.add_argument("--vf-classes", type=int, default=None, metavar="K",
+                    help="fusion classes K: alpha in {0, 1/(K-1), ..., 1}, K segmentation classes (paper: 5)")
+    vf.add_argument("--vf-boxes", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="'paper' variant: boxes per sample, drawn uniformly from MIN..MAX (paper: 10 40)")
+    vf.add_argument("--vf-box-min", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help="'paper' variant: smallest box side per axis as a fraction of the patch (paper: 0.125 "
+                         "0.0625 0.0625, i.e. 8 8 8 voxels of 64x128x128)")
+    vf.add_argument("--vf-box-max", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help="'paper' variant: largest box side per axis as a fraction of the patch (paper: 0.625 0.625 "
+                         "0.625)")
+    vf.add_argument("--vf-foreground-ratio", type=float, default=None, metavar="R",
+                    help="'grid' variant: fraction of the grid blocks fused with the foreground (class 1..K-1) "
+                         "(paper: 0.7)")
+    vf.add_argument("--vf-block-min", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help="'grid' variant: smallest block side per axis as a fraction of the patch (paper: "
+                         "0.078125 0.0625 0.0625, i.e. 5 8 8 voxels of 64x128x128)")
+    vf.add_argument("--vf-block-max", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help="'grid' variant: largest block side per axis as a fraction of the patch (paper: 0.3125 "
+                         "0.25 0.25, i.e. 20 32 32 voxels)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
                    help="resample to this spacing (mm, depth first); if omitted: native spacing")
     p.add_argument("--network", choices=["pctnet", "plans"], default="pctnet",
                    help="pctnet: PCT-Net with --features; plans: the network of an nnU-Net plans file (--plans)")
-    p.add_argument("--features", type=int, nargs=5, default=[24, 48, 128, 256, 512],
+    p.add_argument("--features", type=int, nargs=5, default=list(PAPER_FEATURES),
                    help="PCT-Net channels per level (the paper's)")
     p.add_argument("--resolution-mode", type=int, choices=[0, 1, 2], default=1, help="PCT-Net resolution mode")
     p.add_argument("--plans", dest="plans_file", default=None,
@@ -107,6 +130,8 @@ def pretrain_main(argv=None) -> None:
     if not args["inputs"] and not resume:
         parser.error("give the input folders (nnU-Net raw datasets and/or image folders), or --continue to "
                      "resume the run in -o")
+    for knob in [k for k, v in args.items() if k.startswith("vf_") and v is None]:
+        del args[knob]  # omitted: PretrainConfig's defaults, the paper's values
     explicit = _given_options(argv) - {"resume", "overwrite"}
     if not args["inputs"]:
         explicit.discard("inputs")
@@ -133,11 +158,19 @@ def adapt_plans_main(argv=None) -> None:
     p.add_argument("--keep-patch-size", action="store_true",
                    help="keep the dataset's planned patch (rounded to what the network accepts) instead of the "
                         "pretraining patch")
+    p.add_argument("-w", "--pretrained-weights", default=None,
+                   help="for a dataset with several input channels: the pretrained weights whose single-channel "
+                        "stem is repeated over the channels (written as NAME_<C>ch.pth next to them); if omitted: "
+                        "the weights the adaptation plan names (its weights_file, next to it)")
     a = p.parse_args(argv)
     from nnunetv2_vf.pretrain.adapt_plans import adapt_plans  # after -h: imports nnU-Net and torch
-    out = adapt_plans(a.dataset, a.adaptation_plan, a.configuration, a.source_plans, a.plans_name,
-                      a.keep_patch_size)
-    print(f"wrote {out}\nnext: nnUNetv2_preprocess -d {a.dataset} -plans_name {a.plans_name} -c {a.configuration}")
+    out, weights = adapt_plans(a.dataset, a.adaptation_plan, a.configuration, a.source_plans, a.plans_name,
+                               a.keep_patch_size, a.pretrained_weights)
+    print(f"wrote {out}")
+    if weights is not None:
+        print(f"wrote {weights} (the pretrained weights with the stem repeated over the dataset's input channels "
+              f"and scaled by 1/C): train with -pretrained_weights {weights}")
+    print(f"next: nnUNetv2_preprocess -d {a.dataset} -plans_name {a.plans_name} -c {a.configuration}")
 
 
 @_user_errors
@@ -151,7 +184,7 @@ def convert_misfm_main(argv=None) -> None:
     p.add_argument("input", help="the authors' checkpoint file (e.g. pctnet_ct10k_volf.pt)")
     p.add_argument("output", help="the converted weights FILE to write (e.g. misfm/checkpoint_final.pth; its folder "
                                   "is created and receives adaptation_plan.json)")
-    p.add_argument("--features", type=int, nargs=5, default=[24, 48, 128, 256, 512],
+    p.add_argument("--features", type=int, nargs=5, default=list(PAPER_FEATURES),
                    help="PCT-Net channels per level of the checkpoint (the paper's)")
     p.add_argument("--resolution-mode", type=int, choices=[0, 1, 2], default=1,
                    help="PCT-Net resolution mode of the checkpoint")

@@ -1,9 +1,9 @@
 """Volume Fusion pretraining loop (iteration based, single process or torch DDP via ``torchrun``).
 
 Pieces reused from nnU-Net / batchgenerators: preprocessing (see ``dataset.py``), the per-sample training
-transforms, ``DC_and_CE_loss`` (do_bg=True, 5 fusion classes) with ``DeepSupervisionWrapper``, the batchgenerators
-augmenters, ``get_network_from_plans`` for the ``plans`` network option. The paper's optimiser: Adam lr 1e-3,
-weight decay 1e-5, lr halved every ``lr_step`` iterations.
+transforms, ``DC_and_CE_loss`` (do_bg=True, K fusion classes, the paper's 5 by default) with
+``DeepSupervisionWrapper``, the batchgenerators augmenters, ``get_network_from_plans`` for the ``plans`` network
+option. The paper's optimiser: Adam lr 1e-3, weight decay 1e-5, lr halved every ``lr_step`` iterations.
 """
 from __future__ import annotations
 
@@ -22,17 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES
 from nnunetv2_vf.checkpoint_io import atomic_write, read_weights_file, remove_stale_tmp_files, save_torch
+from nnunetv2_vf.pretrain.adaptation_plan import FORMAT as ADAPTATION_PLAN_FORMAT, AdaptationPlan, network_keys
 from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
                                           crop_or_pad, detect_modality, find_images)
-from nnunetv2_vf.pretrain.volume_fusion import NUM_FUSION_CLASSES, VolumeFusionTransform, volume_fusion
+from nnunetv2_vf.pretrain.volume_fusion import (PAPER_PARAMETERS, FusionParameters, VolumeFusionTransform,
+                                                volume_fusion)
 
 __all__ = ["PretrainConfig", "VFPretrainer", "build_network", "deep_supervision_scales", "PAPER_FEATURES",
            "ADAPTATION_PLAN_FORMAT", "RESUMABLE_SETTINGS", "RUN_FILES"]
 
-PAPER_FEATURES = (24, 48, 128, 256, 512)
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
-ADAPTATION_PLAN_FORMAT = "nnunetv2_vf.adaptation_plan/1"
 # what --continue may change: the schedule length and how the run executes; every other setting defines the run
 RESUMABLE_SETTINGS = ("iterations", "device", "num_workers", "val_every", "save_every", "cache_dir", "output_dir")
 # a folder with one of these holds a run (training_log.txt alone: a start that was killed before it wrote anything)
@@ -68,6 +69,25 @@ class PretrainConfig:
     augment: bool = True
     seed: int = 12345
     cache_dir: Optional[str] = None              # default: OUTPUT_DIR/cache
+    # the Volume Fusion knobs (FusionParameters; the paper's values by default)
+    vf_classes: int = PAPER_PARAMETERS.num_classes
+    vf_boxes: list = field(default_factory=lambda: list(PAPER_PARAMETERS.num_boxes))
+    vf_box_min: list = field(default_factory=lambda: list(PAPER_PARAMETERS.box_fraction_min))
+    vf_box_max: list = field(default_factory=lambda: list(PAPER_PARAMETERS.box_fraction_max))
+    vf_foreground_ratio: float = PAPER_PARAMETERS.foreground_ratio
+    vf_block_min: list = field(default_factory=lambda: list(PAPER_PARAMETERS.block_fraction_min))
+    vf_block_max: list = field(default_factory=lambda: list(PAPER_PARAMETERS.block_fraction_max))
+
+
+# PretrainConfig field -> FusionParameters field
+FUSION_SETTINGS = {"vf_classes": "num_classes", "vf_boxes": "num_boxes", "vf_box_min": "box_fraction_min",
+                   "vf_box_max": "box_fraction_max", "vf_foreground_ratio": "foreground_ratio",
+                   "vf_block_min": "block_fraction_min", "vf_block_max": "block_fraction_max"}
+
+
+def fusion_parameters(cfg: PretrainConfig) -> FusionParameters:
+    """The run's Volume Fusion knobs (validated: a bad value raises naming its option and the fix)."""
+    return FusionParameters(**{knob: getattr(cfg, setting) for setting, knob in FUSION_SETTINGS.items()})
 
 
 def deep_supervision_scales(strides) -> list[list[float]]:
@@ -102,8 +122,14 @@ def build_network(cfg: PretrainConfig) -> tuple[nn.Module, dict, list[int]]:
             raise ValueError(f"patch {patch} is not divisible by the plans network's total stride {div.tolist()}")
     else:
         raise ValueError(f"--network must be 'pctnet' or 'plans', got {cfg.network!r}")
+    keys = network_keys(arch["network_class_name"])  # an undeclared network fails now, not at export
     net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                 1, NUM_FUSION_CLASSES, allow_init=True, deep_supervision=True)
+                                 1, int(cfg.vf_classes), allow_init=True, deep_supervision=True)
+    weights = net.state_dict()
+    missing = [k for k in keys.keys_to_in_proj if f"{k}.weight" not in weights]
+    if missing:
+        raise ValueError(f"{arch['network_class_name']} declares input projection(s) {missing} that its state dict "
+                         f"lacks; correct its keys_to_in_proj (or its entry in NNUNET_NETWORK_KEYS)")
     return net, arch, patch
 
 
@@ -116,8 +142,8 @@ def _dice_stats(logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Per-class (tp, fp, fn) of the hard prediction, shape [classes, 3]."""
     pred = logits.argmax(1)
     tgt = target[:, 0].long()
-    out = np.zeros((NUM_FUSION_CLASSES, 3))
-    for c in range(NUM_FUSION_CLASSES):
+    out = np.zeros((logits.shape[1], 3))
+    for c in range(logits.shape[1]):
         p, t = pred == c, tgt == c
         out[c] = [(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
     return out
@@ -192,6 +218,16 @@ def _check_config(cfg: PretrainConfig) -> None:
                          "or --variant grid")
     if not cfg.inputs:
         raise ValueError("no inputs: give nnU-Net raw dataset folders and/or folders of images")
+    fusion_parameters(cfg)
+
+
+def _check_fusion_options(cfg: PretrainConfig, given: set) -> None:
+    """A knob of the other variant would be silently ignored: refuse it."""
+    for setting in sorted(given & set(FUSION_SETTINGS)):
+        option, variant = FusionParameters.OPTIONS[FUSION_SETTINGS[setting]]
+        if variant is not None and variant != cfg.variant:
+            raise ValueError(f"{option} acts in the '{variant}' Volume Fusion variant only, but this run uses "
+                             f"--variant {cfg.variant}: drop {option}, or give --variant {variant}")
 
 
 class VFPretrainer:
@@ -214,6 +250,7 @@ class VFPretrainer:
         self.moved_inputs = None
         self.detected_modality = False
         self.manifest = None
+        given = explicit
         explicit = set(asdict(cfg)) if explicit is None else set(explicit)
         if resume:
             self.saved, cfg = self._resume_config(cfg, explicit)
@@ -226,6 +263,9 @@ class VFPretrainer:
                 cfg.normalization = detect_modality(cfg.inputs)
                 self.detected_modality = True
         _check_config(cfg)
+        if given is not None and not resume:
+            _check_fusion_options(cfg, set(given))
+        self.fusion = fusion_parameters(cfg)
         self.overwrite = overwrite
         self.resuming = resume
         self.cfg = cfg
@@ -258,6 +298,9 @@ class VFPretrainer:
                                     f"checkpoint_latest.pth or config.json): start without --continue")
         self.manifest = manifest
         given = asdict(cfg)
+        # a run from before a setting existed ran with its default (e.g. the paper's Volume Fusion knobs)
+        run_cfg = {**{k: v for k, v in asdict(PretrainConfig(inputs=[], output_dir="")).items()
+                      if k in FUSION_SETTINGS}, **run_cfg}
         differences = [f"{_option(k)}: the run has {_show(run_cfg.get(k))}, the command line asks for "
                        f"{_show(given[k])}" for k in sorted(explicit - set(RESUMABLE_SETTINGS) - {"inputs"})
                        if k in run_cfg and _normal(given[k]) != _normal(run_cfg[k])]
@@ -338,7 +381,7 @@ class VFPretrainer:
         self.loader = VFPretrainDataLoader(self.cache, shard, self.patch_size, cfg.batch_size, augment=cfg.augment,
                                            seed=cfg.seed + 1000 * self.rank)
         self.vf_transform = VolumeFusionTransform(cfg.variant, seed=cfg.seed + 1000 * self.rank + 1,
-                                                  deep_supervision_scales=self.ds_scales)
+                                                  deep_supervision_scales=self.ds_scales, params=self.fusion)
         self.iteration = 0
         self.logs = {"iteration": [], "train_loss": [], "val_loss": [], "val_dice": [], "lr": [], "sec_per_it": [],
                      "train_iteration": [], "train_loss_recent": [], "train_lr": []}
@@ -396,7 +439,7 @@ class VFPretrainer:
             # fewer volumes than samples: several crops of the same volumes
             crops = [crop_or_pad(self.cache.load(readable[k % len(readable)]), self.patch_size, rng)
                      for k in range(max(2, self.cfg.val_samples))]
-            fused, labels = volume_fusion(np.stack(crops), rng, self.cfg.variant)
+            fused, labels = volume_fusion(np.stack(crops), rng, self.cfg.variant, params=self.fusion)
             atomic_write(path, lambda f: np.savez(f, data=fused, target=labels), "validation set",
                          fused.nbytes + labels.nbytes)
         if self.is_ddp:
@@ -407,7 +450,7 @@ class VFPretrainer:
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         self.network.eval()
-        stats, losses = np.zeros((NUM_FUSION_CLASSES, 3)), []
+        stats, losses = np.zeros((self.fusion.num_classes, 3)), []
         bs = self.cfg.batch_size
         for s in range(0, len(self.val_data), bs):
             x = torch.from_numpy(self.val_data[s:s + bs]).to(self.device)
@@ -475,33 +518,28 @@ class VFPretrainer:
         else:
             self.loader.rng = np.random.default_rng([self.cfg.seed, self.rank, self.iteration])
 
-    def adaptation_plan(self) -> dict:
-        """What fine-tuning needs to reproduce pretraining; shaped like nnssl/nnU-Net master's adaptation plan."""
+    def adaptation_plan(self) -> AdaptationPlan:
+        """What fine-tuning needs to reproduce pretraining."""
         p = self.preprocessing
-        arch = self.architecture
-        return {
-            "format": ADAPTATION_PLAN_FORMAT,
-            "trainer_name": "nnUNetv2_vf_pretrain",
-            "architecture_plans": {"arch_class_name": arch["network_class_name"], "arch_kwargs": arch["arch_kwargs"],
-                                   "arch_kwargs_requiring_import": arch["_kw_requires_import"]},
-            "pretrain_num_input_channels": 1,
-            "recommended_downstream_patchsize": list(self.patch_size),
-            "key_to_encoder": "encoder", "key_to_stem": "stem",
-            "keys_to_in_proj": ["stem.proj"] if self.cfg.network == "pctnet" else ["encoder.stages.0.0.convs.0.conv"],
-            "patch_size": list(self.patch_size),
-            "preprocessing": {"spacing": p.spacing, "normalization": p.normalization,
-                              "nnunet_normalization_scheme": p.nnunet_scheme(),
-                              "intensity_properties": p.ct_intensity_properties if p.normalization == "CT" else None,
-                              "ct_window": p.ct_window if p.normalization == "CT" else None,
-                              "resampling": "nnunetv2 resample_data_or_seg_to_shape, order 3, order_z 0, "
-                                            "separate z for anisotropic spacing"},
-            "volume_fusion": {"variant": self.cfg.variant, "num_classes": NUM_FUSION_CLASSES},
-            "optimizer": {"name": "Adam", "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
-                          "lr_halved_every": self.cfg.lr_step, "batch_size": self.cfg.batch_size,
-                          "world_size": self.world_size},
-            "iterations": self.iteration,
-            "num_pretraining_images": len(self.usable),
-        }
+        return AdaptationPlan.for_network(
+            self.architecture,
+            trainer_name="nnUNetv2_vf_pretrain",
+            pretrain_num_input_channels=1,
+            recommended_downstream_patchsize=list(self.patch_size),
+            patch_size=list(self.patch_size),
+            preprocessing={"spacing": p.spacing, "normalization": p.normalization,
+                           "nnunet_normalization_scheme": p.nnunet_scheme(),
+                           "intensity_properties": p.ct_intensity_properties if p.normalization == "CT" else None,
+                           "ct_window": p.ct_window if p.normalization == "CT" else None,
+                           "resampling": "nnunetv2 resample_data_or_seg_to_shape, order 3, order_z 0, "
+                                         "separate z for anisotropic spacing"},
+            volume_fusion={"variant": self.cfg.variant, **self.fusion.to_dict()},
+            optimizer={"name": "Adam", "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
+                       "lr_halved_every": self.cfg.lr_step, "batch_size": self.cfg.batch_size,
+                       "world_size": self.world_size},
+            iterations=self.iteration,
+            num_pretraining_images=len(self.usable),
+            weights_file="checkpoint_final.pth")
 
     def _write_json(self, name: str, obj: dict) -> None:
         atomic_write(self.output_dir / name, lambda f: f.write(json.dumps(obj, indent=2).encode()), name)
@@ -514,7 +552,7 @@ class VFPretrainer:
                  "iteration": int(self.iteration), "architecture": json.loads(json.dumps(self.architecture))}
         save_torch(final, self.output_dir / "checkpoint_final.pth", "final checkpoint")
         # only now: an adaptation plan must always describe a network that exists
-        self._write_json("adaptation_plan.json", self.adaptation_plan())
+        self.adaptation_plan().save(self.output_dir / "adaptation_plan.json")
 
     # ------------------------------------------------------------------ plotting
     def plot_progress(self) -> None:
@@ -541,7 +579,7 @@ class VFPretrainer:
         ax.plot(it, lg["val_loss"], "r.-", label="val loss")
         ax.set_xlabel("iteration"), ax.set_ylabel("loss")
         ax2 = ax.twinx()
-        ax2.plot(it, lg["val_dice"], "g.--", label="val mean Dice (5 fusion classes)")
+        ax2.plot(it, lg["val_dice"], "g.--", label=f"val mean Dice ({self.cfg.vf_classes} fusion classes)")
         ax2.set_ylabel("mean Dice")
         ax.legend(loc="upper left"), ax2.legend(loc="upper right")
         axes[1].plot(it, lg["sec_per_it"], "b.-", label="seconds / iteration")

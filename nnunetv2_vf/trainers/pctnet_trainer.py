@@ -13,10 +13,11 @@ import copy
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_vf.architectures.pctnet import fit_patch_size, pctnet_strides
+from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES, SMALL_FEATURES, fit_patch_size, pctnet_strides
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.progress import ProgressLines
+from nnunetv2_vf.trainers.safeguards import AtomicCheckpoints, PretrainedWeightsCheck
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["PCTNetTrainer", "PCTNetTrainer_2epochs", "PCTNetTrainer_small", "PCTNetTrainer_small_2epochs",
@@ -24,7 +25,6 @@ __all__ = ["PCTNetTrainer", "PCTNetTrainer_2epochs", "PCTNetTrainer_small", "PCT
            "PCTNET_CLASS_NAME", "with_pctnet_architecture"]
 
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
-PAPER_FEATURES = (24, 48, 128, 256, 512)
 
 
 def with_pctnet_architecture(plans: dict, configuration: str, features=PAPER_FEATURES, resolution_mode: int = 1,
@@ -64,7 +64,7 @@ def _decay_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class PCTNetTrainer(ProgressLines, nnUNetTrainer):
+class PCTNetTrainer(PretrainedWeightsCheck, AtomicCheckpoints, ProgressLines, nnUNetTrainer):
     """PCT-Net (paper configuration) inside nnU-Net, AdamW with linear warm-up then poly decay.
 
     Why not nnU-Net's SGD (lr 1e-2, momentum 0.99): attention logits of the Swin branch diverge at that step size
@@ -92,7 +92,7 @@ class PCTNetTrainer(ProgressLines, nnUNetTrainer):
 class PCTNetTrainer_small(PCTNetTrainer):
     """A CPU-sized PCT-Net (features 8-128, the authors' fixture size) for demos."""
 
-    pctnet_features = (8, 16, 32, 64, 128)
+    pctnet_features = SMALL_FEATURES
 
 
 class PCTNetTrainer_small_2epochs(NoMirroring, TrainingBudget, PCTNetTrainer_small):

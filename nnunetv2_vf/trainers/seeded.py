@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_vf.trainers import cross_dimensional, pctnet_trainer, vf_pretrained_trainer
+from nnunetv2_vf.trainers import (cross_dimensional, finetuning_variants, pctnet_trainer, plans_network_trainer,
+                                  vf_pretrained_trainer)
 from nnunetv2_vf.trainers.variants import Seeded
 
 SEEDS = range(5)
@@ -24,7 +25,8 @@ def seeded_variant(trainer: type, seed: int, module: str = __name__) -> type:
 
 def _plugin_trainers() -> list[type]:
     found = []
-    for module in (pctnet_trainer, vf_pretrained_trainer, cross_dimensional):
+    for module in (pctnet_trainer, vf_pretrained_trainer, cross_dimensional, plans_network_trainer,
+                   finetuning_variants):
         for name in module.__all__:
             obj = getattr(module, name)
             if isinstance(obj, type) and issubclass(obj, nnUNetTrainer):

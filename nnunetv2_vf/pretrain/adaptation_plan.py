@@ -1,0 +1,223 @@
+"""The pretraining contract: what fine-tuning needs to reproduce a Volume Fusion pretraining (or a converted
+MIS-FM checkpoint), as one typed, versioned record.
+
+Written by ``nnUNetv2_vf_pretrain`` and ``nnUNetv2_vf_convert_misfm`` (``adaptation_plan.json``), read by
+``nnUNetv2_vf_adapt_plans`` and the fine-tuning trainers. The field names follow nnssl / nnU-Net master's
+adaptation plan (``architecture_plans``, ``recommended_downstream_patchsize``, ``key_to_encoder``, ...), so a reader
+of either finds the same things here. Version 1 files (the release before this module) still load.
+
+Which state-dict keys are a network's stem, encoder and input projection is declared by the network: class
+attributes ``key_to_stem``, ``key_to_encoder`` and ``keys_to_in_proj`` (PCTNet has them), or, for nnU-Net's own
+networks that cannot carry them, :data:`NNUNET_NETWORK_KEYS`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pydoc
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["AdaptationPlan", "AdaptationPlanError", "NetworkKeys", "network_keys", "NNUNET_NETWORK_KEYS",
+           "FORMAT", "FORMAT_V1", "READABLE_FORMATS", "PLAN_FILE_NAME"]
+
+FORMAT_V1 = "nnunetv2_vf.adaptation_plan/1"
+FORMAT = "nnunetv2_vf.adaptation_plan/2"
+READABLE_FORMATS = (FORMAT_V1, FORMAT)
+PLAN_FILE_NAME = "adaptation_plan.json"
+NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
+_FIX = "regenerate it with nnUNetv2_vf_pretrain (or nnUNetv2_vf_convert_misfm), or repair the field by hand"
+
+
+class AdaptationPlanError(ValueError):
+    """A missing or malformed field of an adaptation plan (a ValueError: the console scripts print it)."""
+
+
+@dataclass(frozen=True)
+class NetworkKeys:
+    """State-dict prefixes of a network's parts: the stem (whose first conv sees the input channels), the encoder
+    (what encoder-only loading keeps) and the convolutions that take the input image."""
+    key_to_stem: str
+    key_to_encoder: str
+    keys_to_in_proj: tuple[str, ...]
+
+
+# nnU-Net's networks (dynamic_network_architectures) cannot declare their keys themselves: one table, here.
+NNUNET_NETWORK_KEYS = {
+    "dynamic_network_architectures.architectures.unet.PlainConvUNet":
+        NetworkKeys("encoder.stages.0", "encoder", ("encoder.stages.0.0.convs.0.conv",)),
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet":
+        NetworkKeys("encoder.stem", "encoder", ("encoder.stem.convs.0.conv",)),
+}
+
+
+def network_keys(arch_class_name: str) -> NetworkKeys:
+    """The keys ``arch_class_name`` declares (class attributes), else those of :data:`NNUNET_NETWORK_KEYS`."""
+    short = arch_class_name.split(".")[-1]
+    for name, keys in NNUNET_NETWORK_KEYS.items():
+        if arch_class_name == name or short == name.split(".")[-1]:
+            return keys
+    cls = pydoc.locate(arch_class_name)
+    if cls is not None and all(hasattr(cls, a) for a in ("key_to_stem", "key_to_encoder", "keys_to_in_proj")):
+        return NetworkKeys(cls.key_to_stem, cls.key_to_encoder, tuple(cls.keys_to_in_proj))
+    raise ValueError(f"network {arch_class_name} does not declare its stem, encoder and input-projection keys: give "
+                     f"the class the attributes key_to_stem, key_to_encoder and keys_to_in_proj (as PCTNet does), "
+                     f"or add it to nnunetv2_vf.pretrain.adaptation_plan.NNUNET_NETWORK_KEYS")
+
+
+def _problem(source: str, name: str, what: str) -> AdaptationPlanError:
+    return AdaptationPlanError(f"adaptation plan {source}: field {name!r} {what}; {_FIX}")
+
+
+def _positive_ints(value, n: int) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+@dataclass
+class AdaptationPlan:
+    """What fine-tuning needs to reproduce pretraining. ``architecture_plans``: ``arch_class_name``,
+    ``arch_kwargs``, ``arch_kwargs_requiring_import`` (nnU-Net's plans ``architecture`` block under nnssl's names);
+    ``preprocessing``: ``spacing`` (mm, D H W, or None for native), ``normalization`` ('CT'/'MR'),
+    ``nnunet_normalization_scheme`` and the CT ``intensity_properties``/``ct_window``; ``volume_fusion``: the
+    pretext task's settings (variant, number of classes and the other knobs of ``FusionParameters``);
+    ``weights_file``: the pretrained weights (``-pretrained_weights``), a file name in the plan's folder."""
+    architecture_plans: dict
+    patch_size: list
+    preprocessing: dict
+    trainer_name: str
+    key_to_encoder: str
+    key_to_stem: str
+    keys_to_in_proj: list
+    pretrain_num_input_channels: int = 1
+    recommended_downstream_patchsize: Optional[list] = None
+    volume_fusion: dict = field(default_factory=dict)
+    optimizer: Optional[dict] = None
+    iterations: Optional[int] = None
+    num_pretraining_images: Optional[int] = None
+    weights_file: Optional[str] = None  # the weights' file name, next to the plan (format 2; format 1 had none)
+    format: str = FORMAT
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_network(cls, architecture: dict, **values) -> "AdaptationPlan":
+        """A plan for an nnU-Net ``architecture`` block (``network_class_name``, ``arch_kwargs``,
+        ``_kw_requires_import``); the keys come from the network's own declaration."""
+        keys = network_keys(architecture["network_class_name"])
+        return cls(architecture_plans={"arch_class_name": architecture["network_class_name"],
+                                       "arch_kwargs": copy.deepcopy(architecture["arch_kwargs"]),
+                                       "arch_kwargs_requiring_import": list(architecture.get("_kw_requires_import",
+                                                                                             []))},
+                   key_to_encoder=keys.key_to_encoder, key_to_stem=keys.key_to_stem,
+                   keys_to_in_proj=list(keys.keys_to_in_proj), **values).validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "(in memory)") -> "AdaptationPlan":
+        """Raise :class:`AdaptationPlanError` naming the first wrong field and the fix; returns self."""
+        if self.format not in READABLE_FORMATS:
+            raise AdaptationPlanError(
+                f"adaptation plan {source}: format {self.format!r} is not one this nnunetv2_vf reads "
+                f"({', '.join(READABLE_FORMATS)}); a newer nnunetv2_vf wrote it: upgrade the plugin, or regenerate "
+                f"the plan with this version's nnUNetv2_vf_pretrain")
+        arch = self.architecture_plans
+        if not isinstance(arch, dict):
+            raise _problem(source, "architecture_plans", f"must be an object, got {type(arch).__name__}")
+        for key, kind in (("arch_class_name", str), ("arch_kwargs", dict)):
+            if not isinstance(arch.get(key), kind):
+                raise _problem(source, f"architecture_plans.{key}",
+                               "is missing" if key not in arch else f"must be a {kind.__name__}")
+        if not _positive_ints(self.patch_size, 3):
+            raise _problem(source, "patch_size", f"must be three positive integers D H W, got {self.patch_size!r}")
+        if self.recommended_downstream_patchsize is not None and not _positive_ints(
+                self.recommended_downstream_patchsize, 3):
+            raise _problem(source, "recommended_downstream_patchsize",
+                           f"must be three positive integers, got {self.recommended_downstream_patchsize!r}")
+        pre = self.preprocessing
+        if not isinstance(pre, dict):
+            raise _problem(source, "preprocessing", f"must be an object, got {type(pre).__name__}")
+        scheme = pre.get("nnunet_normalization_scheme")
+        if scheme not in NORMALIZATION_SCHEMES:
+            raise _problem(source, "preprocessing.nnunet_normalization_scheme",
+                           "is missing" if scheme is None else f"must be one of {list(NORMALIZATION_SCHEMES)}, got "
+                                                               f"{scheme!r}")
+        spacing = pre.get("spacing")
+        if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(
+                isinstance(s, (int, float)) and s > 0 for s in spacing)):
+            raise _problem(source, "preprocessing.spacing",
+                           f"must be null (native spacing) or three positive numbers in mm, got {spacing!r}")
+        channels = self.pretrain_num_input_channels
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise _problem(source, "pretrain_num_input_channels", f"must be an integer >= 1, got {channels!r}")
+        if self.weights_file is not None and (not isinstance(self.weights_file, str) or "/" in self.weights_file):
+            raise _problem(source, "weights_file", f"must be the weights' file name next to the plan, got "
+                                                   f"{self.weights_file!r}")
+        for name in ("key_to_encoder", "key_to_stem", "trainer_name"):
+            if not isinstance(getattr(self, name), str):
+                raise _problem(source, name, f"must be a string, got {getattr(self, name)!r}")
+        proj = self.keys_to_in_proj
+        if not (isinstance(proj, (list, tuple)) and proj and all(isinstance(k, str) for k in proj)):
+            raise _problem(source, "keys_to_in_proj", f"must be a non-empty list of state-dict prefixes, got "
+                                                      f"{proj!r}")
+        if not isinstance(self.volume_fusion, dict):
+            raise _problem(source, "volume_fusion", f"must be an object, got {type(self.volume_fusion).__name__}")
+        return self
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps({**asdict(self), "format": FORMAT}))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "(in memory)") -> "AdaptationPlan":
+        if not isinstance(data, dict):
+            raise AdaptationPlanError(f"adaptation plan {source} is not a JSON object (got {type(data).__name__}); "
+                                      f"give the adaptation_plan.json that nnUNetv2_vf_pretrain or "
+                                      f"nnUNetv2_vf_convert_misfm wrote")
+        if "format" not in data:
+            raise AdaptationPlanError(
+                f"adaptation plan {source}: field 'format' is missing, so this is not an adaptation plan of "
+                f"nnUNetv2_vf_pretrain / nnUNetv2_vf_convert_misfm (expected e.g. \"format\": \"{FORMAT}\"); give "
+                f"OUTPUT_DIR/adaptation_plan.json of the pretraining run")
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        for name in required:
+            if name not in data:
+                raise _problem(source, name, "is missing")
+        values = {k: v for k, v in data.items() if k in known}
+        if data["format"] == FORMAT_V1:  # v1: the same fields; it recorded only the variant and K of the task
+            values["volume_fusion"] = dict(data.get("volume_fusion") or {})
+            values["format"] = FORMAT_V1
+        plan = cls(**values).validate(source)
+        plan.format = FORMAT  # validated: from now on it is a current plan
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "(in memory)") -> "AdaptationPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AdaptationPlanError(f"adaptation plan {source} is not valid JSON ({e}); {_FIX}") from e
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AdaptationPlan":
+        """Read ``path`` (a plan file, or a pretraining output folder holding ``adaptation_plan.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"adaptation plan {path} not found; it is written by nnUNetv2_vf_pretrain (or "
+                                    f"nnUNetv2_vf_convert_misfm) into its output folder")
+        return cls.from_json(path.read_text(), str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from nnunetv2_vf.checkpoint_io import atomic_write
+        path = Path(path)
+        text = self.to_json().encode()
+        atomic_write(path, lambda f: f.write(text), "adaptation plan")
+        return path
+
