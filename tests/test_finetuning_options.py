@@ -8,6 +8,7 @@ import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunetv2_vf.architectures.pctnet import PCTNet
+from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
 from nnunetv2_vf.trainers import finetuning_variants as fv
 from nnunetv2_vf.trainers.finetuning import (EncoderLearningRate, FreezeEncoder, encoder_modules,
                                              encoder_tensor_names, unwrap_network)
@@ -107,7 +108,7 @@ def test_nnunet_networks_encoder_is_encoder_prefix(make_trainer, arch):
 
 
 def test_pctnet_encoder_is_stem_and_encoder():
-    net = PCTNet(1, 3, features_per_stage=[8, 16, 32, 64, 128])
+    net = PCTNet(1, 3, features_per_stage=list(SMALL_FEATURES))
     assert encoder_modules(net) == [net.stem, net.encoder]
     names = encoder_tensor_names(net)
     assert {k.split(".")[0] for k in names} == {"stem", "encoder"}
@@ -237,7 +238,7 @@ def test_plans_network_trainer_warms_up_with_sgd(make_trainer):
 
 def test_plans_network_trainer_refuses_pctnet_plans():
     from nnunetv2_vf.trainers.pctnet_trainer import with_pctnet_architecture
-    plans = with_pctnet_architecture(_plans(), "3d_fullres", features=(8, 16, 32, 64, 128))
+    plans = with_pctnet_architecture(_plans(), "3d_fullres", features=SMALL_FEATURES)
     with pytest.raises(ValueError, match="train these plans with VFPretrainedTrainer"):
         VFPlansNetworkTrainer_cpu_2epochs({**plans, "continue_training": False}, "3d_fullres", 0,
                                                   DATASET_JSON, torch.device("cpu"))

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import torch
 
+from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
 from nnunetv2_vf.plan_network import network_plans, plan_network
 from nnunetv2_vf.trainers.cross_dimensional import (DepthStackUNetTrainer, EncoderUNet2DTrainer,
                                                     EncoderUNet2DTrainer_2epochs, EncoderUNet3DTrainer)
@@ -118,10 +119,10 @@ def test_3d_networks_and_pctnet(pre):
                                          "nnUNetv2_vf_plan_network"):
         EncoderUNet3DTrainer.encoder_unet_plans(ds, "3d_fullres")
 
-    _, pct = _write(pre, "3d_fullres", "PCTNet", "nnUNetPlans_pct", features=[8, 16, 32, 64, 128],
+    _, pct = _write(pre, "3d_fullres", "PCTNet", "nnUNetPlans_pct", features=list(SMALL_FEATURES),
                     resolution_mode=2)
     cfg = pct["configurations"]["3d_fullres"]
-    assert cfg["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64, 128]
+    assert cfg["architecture"]["arch_kwargs"]["features_per_stage"] == list(SMALL_FEATURES)
     assert cfg["architecture"]["arch_kwargs"]["strides"][1:3] == [[1, 2, 2], [1, 2, 2]]
     assert cfg["patch_size"] == [16, 32, 32] and cfg["data_identifier"] == "nnUNetPlans_3d_fullres"
     # PCTNetTrainer_small's own sizes (8-128, mode 1) do not override the planned ones

@@ -192,6 +192,35 @@ def test_adapted_plans_reproduce_pretraining_preprocessing(hippo_images):
     assert new["pretrain_info"]["adaptation_plan"]["format"] == FORMAT
 
 
+def test_fine_tuning_trainers_validate_the_recorded_adaptation_plan():
+    """VFPretrainedTrainer / VFPlansNetworkTrainer read the plan that nnUNetv2_vf_adapt_plans recorded in the plans:
+    a damaged record or a network edited away from the pretrained one stops the trainer before nnU-Net builds it."""
+    from nnunetv2_vf.pretrain.adaptation_plan import plan_recorded_in_plans
+    from nnunetv2_vf.trainers.vf_pretrained_trainer import VFPretrainedTrainer
+    plans = {"plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {"0": {"mean": 5.0}},
+             "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40],
+                                               "spacing": [1.0, 1.0, 1.0],
+                                               "normalization_schemes": ["ZScoreNormalization"],
+                                               "use_mask_for_norm": [False],
+                                               "architecture": {"network_class_name": "PlainConvUNet",
+                                                                "arch_kwargs": {}, "_kw_requires_import": []}}}}
+    assert plan_recorded_in_plans(plans, "3d_fullres") is None  # never adapted: a from-scratch run
+    adapted = adapted_plans(plans, _small_plan(), "3d_fullres", "nnUNetPlans_VF")
+    assert plan_recorded_in_plans(adapted, "3d_fullres") == _small_plan()
+
+    damaged = json.loads(json.dumps(adapted))
+    damaged["pretrain_info"]["adaptation_plan"].pop("keys_to_in_proj")
+    with pytest.raises(AdaptationPlanError, match="pretrain_info.adaptation_plan of plans 'nnUNetPlans_VF'.*"
+                                                  "'keys_to_in_proj' is missing"):
+        VFPretrainedTrainer(damaged, "3d_fullres", 0, {}, torch.device("cpu"))
+
+    edited = json.loads(json.dumps(adapted))
+    edited["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "PlainConvUNet"
+    with pytest.raises(AdaptationPlanError, match="builds PlainConvUNet but its recorded pretraining used "
+                                                  "nnunetv2_vf.architectures.pctnet.PCTNet.*nnUNetv2_vf_adapt_plans"):
+        plan_recorded_in_plans(edited, "3d_fullres")
+
+
 # ---------------------------------------------------------------------------------------------- adaptation plan
 # what the previous release (format 1) wrote for a PCT-Net run: it must keep loading
 V1_PLAN = {
@@ -275,11 +304,11 @@ def test_networks_declare_their_stem_encoder_and_input_projection():
 
 def test_pctnet_sizes_are_defined_once():
     """The paper's and the small PCT-Net sizes are spelled only in pctnet_sizes.py (the frozen speed baseline
-    excepted): the package and the benchmarks import PAPER_FEATURES / SMALL_FEATURES."""
+    excepted): the package, the benchmarks and the tests import PAPER_FEATURES / SMALL_FEATURES."""
     import re
     root = Path(__file__).resolve().parents[1]
     literal = re.compile(r"24,\s*48,\s*128,\s*256,\s*512|[\[(]8,\s*16,\s*32,\s*64,\s*128[\])]")
-    spelled = [str(f.relative_to(root)) for folder in ("nnunetv2_vf", "benchmarks")
+    spelled = [str(f.relative_to(root)) for folder in ("nnunetv2_vf", "benchmarks", "tests")
                for f in (root / folder).rglob("*.py")
                if f.name not in ("pctnet_sizes.py", "_pctnet_baseline.py") and literal.search(f.read_text())]
     assert spelled == []

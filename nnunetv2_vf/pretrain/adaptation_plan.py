@@ -221,3 +221,29 @@ class AdaptationPlan:
         atomic_write(path, lambda f: f.write(text), "adaptation plan")
         return path
 
+
+
+def plan_recorded_in_plans(plans: dict, configuration: str) -> Optional[AdaptationPlan]:
+    """The adaptation plan ``nnUNetv2_vf_adapt_plans`` recorded in ``plans['pretrain_info']``, validated, or None for
+    plans that were not adapted (a from-scratch run). Raises :class:`AdaptationPlanError` when the record is damaged
+    or when ``configuration``'s network is no longer the pretrained one (plans edited by hand or by another tool)."""
+    info = plans.get("pretrain_info")
+    if not isinstance(info, dict) or info.get("source") != "nnunetv2_vf":
+        return None
+    source = f"pretrain_info.adaptation_plan of plans {plans.get('plans_name', '?')!r}"
+    fix = ("write the plans again with nnUNetv2_vf_adapt_plans -d DATASET -a PRETRAIN_DIR/adaptation_plan.json "
+           "-p NEW_PLANS_NAME, then nnUNetv2_preprocess -plans_name NEW_PLANS_NAME")
+    if "adaptation_plan" not in info:
+        raise AdaptationPlanError(f"{source} is missing: {fix}")
+    plan = AdaptationPlan.from_dict(info["adaptation_plan"], source)
+    if info.get("configuration", configuration) != configuration:
+        return plan  # the plans were adapted for another configuration; this one trains from its own network
+    from nnunetv2_vf.plans import effective_configuration
+    arch = effective_configuration(plans, configuration).get("architecture", {})
+    expected = plan.architecture_plans.get("arch_class_name")
+    if arch.get("network_class_name") != expected:
+        raise AdaptationPlanError(
+            f"configuration {configuration!r} of plans {plans.get('plans_name', '?')!r} builds "
+            f"{arch.get('network_class_name')} but its recorded pretraining used {expected}: the pretrained weights "
+            f"cannot initialise it; {fix}")
+    return plan

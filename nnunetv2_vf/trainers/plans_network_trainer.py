@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_vf.pretrain.adaptation_plan import plan_recorded_in_plans
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_vf.trainers.progress import ProgressLines
@@ -37,6 +38,7 @@ class VFPlansNetworkTrainer(PretrainedWeightsCheck, AtomicCheckpoints, ProgressL
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         check_plans_network(plans, configuration, type(self).__name__)
+        plan_recorded_in_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
 

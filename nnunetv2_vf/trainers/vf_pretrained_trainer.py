@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES
+from nnunetv2_vf.pretrain.adaptation_plan import plan_recorded_in_plans
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer
 from nnunetv2_vf.trainers.safeguards import CLASSIFIER_MARK, check_pretrained_compatibility  # noqa: F401 (moved)
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
@@ -34,6 +35,7 @@ class VFPretrainedTrainer(PCTNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        plan_recorded_in_plans(plans, configuration)  # a damaged or contradicted record fails here, readably
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.warmup_fraction = 0.1
 
