@@ -13,6 +13,7 @@ from nnunetv2_vf.inflate_checkpoint import build_3d_network, inflate_checkpoint
 from nnunetv2_vf.trainers.cross_dimensional import (EncoderUNet2DTrainer, EncoderUNet3DTrainer,
                                                     EncoderUNet3DTrainer_2epochs, inflate_2d_checkpoint)
 from nnunetv2_vf.workflow import console_script
+from synthetic_plans import nnunet_configuration
 
 DATASET = "Dataset999_Tiny"
 STRIDES_3D = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
@@ -21,22 +22,10 @@ STRIDES_2D = [[1, 1], [2, 2], [2, 2]]
 
 
 def _plans() -> dict:
-    def cfg(patch, strides, kernels):
-        return {"data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-                "patch_size": patch, "median_image_size_in_voxels": patch, "spacing": [1.0] * len(patch),
-                "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg":
-                    "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {}, "batch_dice": False,
-                "architecture": {"network_class_name":
-                                 "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                 "arch_kwargs": {"strides": strides, "kernel_sizes": kernels},
-                                 "_kw_requires_import": []}}
     return {"dataset_name": DATASET, "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "configurations": {"2d": cfg([32, 32], STRIDES_2D, [[3, 3]] * 3),
-                               "3d_fullres": cfg([16, 32, 32], STRIDES_3D, KERNELS_3D)}}
+            "configurations": {"2d": nnunet_configuration([32, 32], STRIDES_2D, [[3, 3]] * 3),
+                               "3d_fullres": nnunet_configuration([16, 32, 32], STRIDES_3D, KERNELS_3D)}}
 
 
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz",

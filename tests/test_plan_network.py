@@ -14,6 +14,7 @@ from nnunetv2_vf.trainers.cross_dimensional import (DepthStackUNetTrainer, Encod
                                                     EncoderUNet2DTrainer_2epochs, EncoderUNet3DTrainer)
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer_small, with_pctnet_architecture
 from nnunetv2_vf.workflow import console_script
+from synthetic_plans import nnunet_configuration
 
 DATASET = "Dataset998_PlanTiny"
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz",
@@ -23,17 +24,8 @@ ENC = "nnunetv2_vf.architectures.encoder_unet."
 
 def _plans() -> dict:
     def cfg(name, patch, strides, kernels, spacing):
-        return {"data_identifier": f"nnUNetPlans_{name}", "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 4, "patch_size": patch, "median_image_size_in_voxels": patch, "spacing": spacing,
-                "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg":
-                    "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {}, "batch_dice": False,
-                "architecture": {"network_class_name":
-                                 "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                 "arch_kwargs": {"strides": strides, "kernel_sizes": kernels, "n_stages": 3},
-                                 "_kw_requires_import": []}}
+        return nnunet_configuration(patch, strides, kernels, spacing=spacing, data_identifier=f"nnUNetPlans_{name}",
+                                    batch_size=4, n_stages=3)
     return {"dataset_name": DATASET, "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
             "configurations": {
