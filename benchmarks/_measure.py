@@ -44,6 +44,51 @@ def _proc_status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _HeapPeak:
+    """Peak bytes malloc'd by this process (glibc ``mallinfo2``: arena bytes in use + mmapped chunks), sampled after
+    every ATen op of the steps run inside it (a ``TorchDispatchMode``, forward and backward). Unlike the RSS
+    high-water mark, it counts live allocations only, not pages glibc keeps after a free, so it is the same in
+    every run: the CPU counterpart of ``torch.cuda.max_memory_allocated``."""
+
+    def __init__(self):
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                              "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                              "keepcost")]
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):  # not glibc >= 2.33
+            self._mallinfo2 = None
+        else:
+            self._mallinfo2.restype = MallInfo2
+
+    @property
+    def available(self) -> bool:
+        return self._mallinfo2 is not None
+
+    def in_use(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def peak_during(self, fn: Callable[[], None]) -> int:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        heap = self
+
+        class Sample(TorchDispatchMode):
+            peak = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                Sample.peak = max(Sample.peak, heap.in_use())
+                return out
+
+        with Sample():
+            fn()
+        return Sample.peak
+
+
 def _prepare(build: Callable, build_args: tuple, batch: int, device: str, threads, amp: str | None = None,
              compile_net: bool = False):
     """Build the network, its input and optimiser in this process; returns (step, info, rss_model)."""
@@ -67,6 +112,8 @@ def _prepare(build: Callable, build_args: tuple, batch: int, device: str, thread
         opt.step()
 
     rss_model = _proc_status_mb("VmRSS")
+    heap = _HeapPeak()
+    heap_model = heap.in_use() if heap.available else 0
     step()  # warm-up (allocator, cudnn autotune, compilation)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -80,7 +127,14 @@ def _prepare(build: Callable, build_args: tuple, batch: int, device: str, thread
             torch.cuda.synchronize()
         return time.perf_counter() - t, time.process_time() - c
 
-    return timed_step, dict(patch=list(patch), batch=batch, params=params), rss_model
+    def heap_peak_mb() -> float | None:
+        """CPU: peak malloc'd bytes during one more (untimed) step above those with the model built: gradients,
+        optimiser state, activations and temporaries (None off glibc, on CUDA or when compiled)."""
+        if device != "cpu" or compile_net or not heap.available:
+            return None
+        return (heap.peak_during(step) - heap_model) / 2 ** 20
+
+    return timed_step, dict(patch=list(patch), batch=batch, params=params), rss_model, heap_peak_mb
 
 
 def _peak_mb(device: str, rss_model: float) -> float:
@@ -90,20 +144,20 @@ def _peak_mb(device: str, rss_model: float) -> float:
 
 
 def _measure(build: Callable, build_args: tuple, batch: int, repeats: int, device: str, threads, queue) -> None:
-    timed_step, info, rss_model = _prepare(build, build_args, batch, device, threads)
+    timed_step, info, rss_model, _ = _prepare(build, build_args, batch, device, threads)
     times = [timed_step()[0] for _ in range(repeats)]
     queue.put(dict(info, seconds=statistics.median(times), peak_mb=_peak_mb(device, rss_model)))
 
 
 def _worker(build: Callable, build_args: tuple, batch: int, device: str, threads, amp, compile_net, conn) -> None:
-    timed_step, info, rss_model = _prepare(build, build_args, batch, device, threads, amp, compile_net)
+    timed_step, info, rss_model, heap_peak_mb = _prepare(build, build_args, batch, device, threads, amp, compile_net)
     conn.send(info)
     while True:
         command = conn.recv()
         if command == "step":
             conn.send(timed_step())
-        else:  # "peak": report and exit
-            conn.send(_peak_mb(device, rss_model))
+        else:  # "peak": report (RSS / CUDA peak of the timed steps, then the heap peak of one more step) and exit
+            conn.send((_peak_mb(device, rss_model), heap_peak_mb()))
             return
 
 
@@ -125,11 +179,13 @@ class StepWorker:
         self._conn.send("step")
         return self._conn.recv()
 
-    def peak_mb(self) -> float:
+    def peak_mb(self) -> tuple[float, float | None]:
+        """(RSS high-water mark above the built model, or CUDA max allocated; heap peak of one more step on CPU or
+        None), and ends the process."""
         self._conn.send("peak")
-        peak = self._conn.recv()
+        peaks = self._conn.recv()
         self._proc.join()
-        return peak
+        return peaks
 
 
 def measure_training_step(build: Callable, build_args: tuple, batch: int, repeats: int, device: str,

@@ -80,22 +80,31 @@ def main(argv=None):
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every round
             times[name].append(workers[name].step())
-    results = {name: dict(worker.info, seconds=statistics.median(t[0] for t in times[name]),
-                          cpu_seconds=statistics.median(t[1] for t in times[name]), peak_mb=worker.peak_mb())
-               for name, worker in workers.items()}
+    results = {}
+    for name, worker in workers.items():
+        peak_mb, heap_mb = worker.peak_mb()
+        results[name] = dict(worker.info, seconds=statistics.median(t[0] for t in times[name]),
+                             cpu_seconds=statistics.median(t[1] for t in times[name]), peak_mb=peak_mb,
+                             heap_mb=heap_mb)
+    heap = all(r["heap_mb"] is not None for r in results.values())
 
     def ratio(name, ref, key):
         return f"{results[name][key] / results[ref][key]:.2f}" if ref in results else "-"
 
+    memory = [("peak_mb", "peak MiB")] + ([("heap_mb", "heap MiB")] if heap else [])
     print("s/step = median wall time; cpu s = median CPU time of the network's process (steadier when other jobs "
-          "share the machine); x nnU-Net / x frozen = ratios to nnU-Net's network / to the frozen PCT-Net")
+          "share the machine); x nnU-Net / x frozen = ratios to nnU-Net's network / to the frozen PCT-Net"
+          + ("; heap MiB = peak malloc'd bytes above the built model during one more step, sampled after every "
+             "ATen op (deterministic, unlike RSS)" if heap else ""))
     print(f"{'network':26s} {'patch':>12s} {'params (M)':>10s} {'s/step':>7s} {'x nnU-Net':>9s} {'x frozen':>8s} "
-          f"{'cpu s':>7s} {'x frozen':>8s} {'peak MiB':>8s} {'x nnU-Net':>9s} {'x frozen':>8s}")
+          f"{'cpu s':>7s} {'x frozen':>8s}" + "".join(f" {label:>8s} {'x nnU-Net':>9s} {'x frozen':>8s}"
+                                                      for _, label in memory))
     for name, r in results.items():
         print(f"{name:26s} {'x'.join(map(str, r['patch'])):>12s} {r['params'] / 1e6:10.2f} {r['seconds']:7.2f} "
               f"{ratio(name, NNUNET, 'seconds'):>9s} {ratio(name, BASELINE, 'seconds'):>8s} {r['cpu_seconds']:7.2f} "
-              f"{ratio(name, BASELINE, 'cpu_seconds'):>8s} {r['peak_mb']:8.0f} {ratio(name, NNUNET, 'peak_mb'):>9s} "
-              f"{ratio(name, BASELINE, 'peak_mb'):>8s}")
+              f"{ratio(name, BASELINE, 'cpu_seconds'):>8s}"
+              + "".join(f" {r[key]:8.0f} {ratio(name, NNUNET, key):>9s} {ratio(name, BASELINE, key):>8s}"
+                        for key, _ in memory))
     print("per-step wall seconds: " + "; ".join(f"{n}: " + ", ".join(f"{t[0]:.2f}" for t in ts)
                                                for n, ts in times.items()))
     return results

@@ -35,13 +35,13 @@ def _refuse_options(network: str, **given) -> None:
     wrong = [name for name, value in given.items() if value is not None]
     if wrong:
         raise ValueError(f"{', '.join(wrong)} do(es) not apply to --network {network}: leave it out (encoder options "
-                         f"are for {'/'.join(ENCODER_NETWORKS)}, --inflation for EncoderUNet3D, --features and "
-                         f"--resolution-mode for PCTNet).")
+                         f"are for {'/'.join(ENCODER_NETWORKS)}, --inflation for EncoderUNet3D, --features, "
+                         f"--resolution-mode and --checkpoint-blocks for PCTNet).")
 
 
 def network_plans(plans: dict, configuration: str, network: str, plans_name: str, encoder: str | None = None,
                   weights: str | None = None, norm: str | None = None, inflation: str | None = None,
-                  features=None, resolution_mode: int | None = None) -> dict:
+                  features=None, resolution_mode: int | None = None, checkpoint_blocks: bool | None = None) -> dict:
     """Copy of ``plans`` named ``plans_name`` whose ``configuration`` builds ``network`` (pure; no file access
     except checking that a weight file exists).  Options a network does not take must be None; unset ones get the
     trainers' documented defaults.  Raises ValueError / FileNotFoundError naming the option and the fix."""
@@ -66,6 +66,7 @@ def network_plans(plans: dict, configuration: str, network: str, plans_name: str
         from nnunetv2_vf.trainers import cross_dimensional as cd
 
         _refuse_options(network, **{"--features": features, "--resolution-mode": resolution_mode,
+                                    "--checkpoint-blocks": checkpoint_blocks,
                                     **({} if network == "EncoderUNet3D" else {"--inflation": inflation})})
         encoder = encoder or cd.DEFAULT_ENCODER
         norm = norm or "batch"
@@ -103,6 +104,8 @@ def network_plans(plans: dict, configuration: str, network: str, plans_name: str
                              f"{kept.get('features_per_stage')}, resolution mode {kept.get('resolution_mode')} "
                              f"(e.g. adapted to pretrained weights by nnUNetv2_vf_adapt_plans); they keep those "
                              f"sizes. Derive other sizes from nnU-Net's plans: -source nnUNetPlans.")
+        if checkpoint_blocks:  # changes no weights, so adapted (pretrained) plans may switch it on too
+            new["configurations"][configuration]["architecture"]["arch_kwargs"]["checkpoint_blocks"] = True
         new["configurations"][configuration].pop("encoder_init", None)
     new["plans_name"] = plans_name
     return new
@@ -175,6 +178,7 @@ def _summary(args, target: Path, plans: dict) -> str:
     kwargs = cfg["architecture"]["arch_kwargs"]
     if args.network == "PCTNet":
         what = f"features {kwargs['features_per_stage']}, resolution mode {kwargs['resolution_mode']}"
+        what += ", activation checkpointing on" if kwargs.get("checkpoint_blocks") else ""
     else:
         what = f"encoder {kwargs['encoder_name']}, norm {kwargs['norm']}"
         what += f", inflation {kwargs['inflation']}" if "inflation" in kwargs else ""
@@ -216,13 +220,17 @@ def main(argv=None) -> None:
     p.add_argument("--features", type=int, nargs="+", metavar="N",
                    help="PCTNet: 5 channel counts (default the paper's 24 48 128 256 512)")
     p.add_argument("--resolution-mode", type=int, help="PCTNet: 0, 1 (default) or 2")
+    p.add_argument("--checkpoint-blocks", action="store_const", const=True, default=None,
+                   help="PCTNet: recompute every block in the backward pass (activation checkpointing): about half "
+                        "the training memory for about 1.3x the step time, same results (benchmarks/pctnet_speed.py)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plans file of the same name")
     args = p.parse_args(argv)
     try:
         target, plans = plan_network(args.d, args.c, args.network, args.p, args.source, args.overwrite, None,
                                      encoder=args.encoder, weights=args.weights, norm=args.norm,
                                      inflation=args.inflation, features=args.features,
-                                     resolution_mode=args.resolution_mode)
+                                     resolution_mode=args.resolution_mode,
+                                     checkpoint_blocks=args.checkpoint_blocks)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

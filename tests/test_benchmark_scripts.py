@@ -50,3 +50,21 @@ def test_imagenet_init_study_smoke(tmp_path, shared_dir):
     assert all(c["n_seeds"] == 1 and c["n_cases"] == 3 for c in result["comparisons"])
     assert (tmp_path / "results" / "imagenet_init_smoke_2d_curves.png").stat().st_size > 0
     assert "ImageNet" in out or "imagenet" in out
+
+
+def test_pctnet_speed_benchmark_smoke():
+    """pctnet_speed.py runs the four networks (small PCT-Net, tiny patch) and reports the deterministic heap peak:
+    activation checkpointing must need less memory than the same network without it, and the current PCT-Net no
+    more than its frozen pre-optimisation copy (it saves fewer attention tensors)."""
+    out = _run([REPO / "benchmarks" / "pctnet_speed.py", "--features", "small", "--patch", 16, 32, 32,
+                "--repeats", 1, "--threads", 1])
+    rows = {}
+    for line in out.splitlines():
+        for name in ("nnU-Net PlainConvUNet", "PCT-Net frozen baseline", "PCT-Net checkpoint_blocks", "PCT-Net"):
+            if line.startswith(name + " "):
+                rows[name] = line[len(name):].split()
+                break
+    assert set(rows) == {"nnU-Net PlainConvUNet", "PCT-Net frozen baseline", "PCT-Net", "PCT-Net checkpoint_blocks"}
+    heap = {name: float(cols[-3]) for name, cols in rows.items()}  # heap MiB, x nnU-Net, x frozen
+    assert heap["PCT-Net checkpoint_blocks"] < heap["PCT-Net"] <= heap["PCT-Net frozen baseline"]
+    assert rows["nnU-Net PlainConvUNet"][-2] == "1.00" and rows["PCT-Net frozen baseline"][-1] == "1.00"

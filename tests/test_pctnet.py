@@ -249,6 +249,43 @@ def test_dropout_keeps_its_probability_and_scaling():
     assert dropout(x, 0.2, False) is x and dropout(x, 0.0, True) is x
 
 
+def test_dropout_mask_chunks_continue_one_stream():
+    """Masks longer than a chunk are the mask of one draw of the whole stream (same seed -> same mask whatever the
+    chunk size), so chunking changed no mask."""
+    import numpy as np
+    from nnunetv2_vf.architectures.pctnet import _MASK_CHUNK, _keep_mask
+    for n in (5, _MASK_CHUNK - 1, _MASK_CHUNK + 3, 2 * _MASK_CHUNK + 1):
+        torch.manual_seed(3)
+        mask = _keep_mask((n,), 0.2).numpy()
+        torch.manual_seed(3)
+        seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+        bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        np.testing.assert_array_equal(mask, bits >= np.uint32(round(0.2 * 2 ** 32)))
+
+
+@pytest.mark.parametrize("windows_per_mask", [1, 3])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_hand_written_attention_backward_equals_autograd(p, windows_per_mask):
+    """The CPU training attention (saved softmax, in-place mask, rebuilt dropout) gives the outputs and the
+    gradients of q, k, v and the bias/shift mask that autograd gives for the explicit expression, with the same
+    dropout mask for the same seed; float64, so that only rounding could differ."""
+    from nnunetv2_vf.architectures.pctnet import _BiasedWindowAttention, _explicit_biased_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 27, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(windows_per_mask, 2, 27, 27, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(6, 2, 27, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_BiasedWindowAttention.apply, _explicit_biased_attention):
+        torch.manual_seed(5)
+        out = fn(q, k, v, mask, p)
+        grads = torch.autograd.grad(out, (q, k, v, mask), grad_out)
+        results.append((out, *grads))
+    for name, a, b in zip(("out", "q", "k", "v", "mask"), *results):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    if p:
+        assert (results[0][0] != _explicit_biased_attention(q, k, v, mask, 0.0)).any()  # dropout did act
+
+
 def test_training_mode_statistics_match_frozen_baseline():
     """With dropout on, the outputs are random: their mean and spread over draws match the baseline's."""
     baseline = _baseline_module()

@@ -122,6 +122,29 @@ def test_3d_networks_and_pctnet(pre):
         "configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["resolution_mode"] == 2
 
 
+def test_checkpoint_switch_is_recorded_in_the_plans_and_built_by_nnunet(pre):
+    """--checkpoint-blocks goes into arch_kwargs; nnU-Net's own builder then makes a PCTNet that recomputes its
+    blocks; it can be switched on for plans that already build a PCTNet (e.g. adapted to pretrained weights)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    def build(plans):
+        arch = plans["configurations"]["3d_fullres"]["architecture"]
+        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                      1, 3, deep_supervision=True)
+
+    _, plain = _write(pre, "3d_fullres", "PCTNet", "nnUNetPlans_pct", features=list(SMALL_FEATURES))
+    assert "checkpoint_blocks" not in plain["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert not build(plain).checkpoint_blocks
+    _, ckpt = _write(pre, "3d_fullres", "PCTNet", "nnUNetPlans_pct_ckpt", source="nnUNetPlans_pct",
+                     features=list(SMALL_FEATURES), checkpoint_blocks=True)
+    kwargs = ckpt["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kwargs["checkpoint_blocks"] is True and kwargs["features_per_stage"] == list(SMALL_FEATURES)
+    net = build(ckpt)
+    assert net.checkpoint_blocks and all(m.checkpoint_blocks for m in net.modules() if hasattr(m, "_run"))
+    with pytest.raises(ValueError, match=r"--checkpoint-blocks do\(es\) not apply to --network EncoderUNet3D"):
+        _write(pre, "3d_fullres", "EncoderUNet3D", "nnUNetPlans_x", checkpoint_blocks=True)
+
+
 def test_default_plans_give_the_documented_defaults():
     plans2d, weights = EncoderUNet2DTrainer.encoder_unet_plans(_plans(), "2d")
     kw = plans2d["configurations"]["2d"]["architecture"]["arch_kwargs"]

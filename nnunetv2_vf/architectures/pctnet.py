@@ -74,28 +74,42 @@ def _same_padding(kernel: Sequence[int]) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 # dropout with cheap masks
 # ----------------------------------------------------------------------------------------------------------------
-def _scaled_mask(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    return keep.view(torch.uint8).to(dtype).mul_(scale)  # bool -> float through uint8: one cheap pass
+def _times_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * keep`` for a CPU tensor outside autograd and a boolean ``keep`` of its shape, in one pass: numpy's
+    product casts the booleans in small buffers, whereas torch's product by a bool tensor first copies it to a
+    full-size float tensor (and ``masked_fill_`` is slower still). ``out`` may be ``x``."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    np.multiply(x.numpy(), keep.numpy(), out=out.numpy())
+    return out
+
+
+def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * scale * keep`` (``keep`` boolean, on the CPU): two passes and no float mask."""
+    out = x.mul(scale)
+    if out.requires_grad:  # double backward: stay in autograd
+        return out.mul_(keep)
+    return _times_mask(out, keep, out=out)
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``x * keep / (1 - p)``, saving only the boolean mask (1 byte per element instead of a float noise tensor)."""
+    """``x * keep / (1 - p)``, saving only the boolean mask (1 byte per element instead of a float noise tensor);
+    forward and backward multiply by the scale and then by the boolean mask (no float mask is built)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * _scaled_mask(keep, scale, x.dtype)
+        return _masked_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * _scaled_mask(keep, ctx.scale, grad.dtype), None, None
+        return _masked_scale(grad, keep, ctx.scale), None, None
 
 
 def _keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
-    """Boolean CPU mask, False with probability ``p`` (to 2**-33): 32 random bits per element compared with
-    ``round(p * 2**32)``.
+    """Boolean CPU mask, False (dropped) with probability ``p`` (to 2**-33): 32 random bits per element compared
+    with ``round(p * 2**32)``.
 
     The bits come from numpy's SFC64 (``random_raw``: two elements per 64-bit draw), several times faster on CPU
     than ``bernoulli_`` or ``torch.rand``, seeded from torch's default CPU generator: ``torch.manual_seed`` still
@@ -104,8 +118,24 @@ def _keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
     """
     seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
     n = int(np.prod(shape))
-    bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(np.greater_equal(bits, np.uint32(round(p * 2 ** 32)))).view(tuple(shape))
+    threshold = np.uint32(round(p * 2 ** 32))
+    generator = np.random.SFC64(seed)
+    keep = np.empty(n, dtype=bool)
+    # the bits are drawn in chunks of 2**20 64-bit words (the same stream as one draw): an 8 MiB buffer instead of
+    # 4 bytes per element, which on CPU costs more in fresh pages than the comparison itself
+    for start in range(0, n, _MASK_CHUNK):
+        stop = min(start + _MASK_CHUNK, n)
+        bits = generator.random_raw((stop - start + 1) // 2).view(np.uint32)[:stop - start]
+        np.greater_equal(bits, threshold, out=keep[start:stop])
+    return torch.from_numpy(keep).view(tuple(shape))
+
+
+_MASK_CHUNK = 2 ** 21  # elements per chunk of _keep_mask (even: two per 64-bit word, so chunks continue the stream)
+
+
+def _cpu_masks(x: torch.Tensor) -> bool:
+    """Whether dropout draws its mask with :func:`_keep_mask` (eager CPU) rather than ``F.dropout``."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -114,7 +144,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     ``torch.compile`` it is ``F.dropout``."""
     if not training or p == 0.0:
         return x
-    if p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if p >= 1.0 or not _cpu_masks(x):
         return F.dropout(x, p, True)
     return _MaskedScale.apply(x, _keep_mask(x.shape, p), 1.0 / (1.0 - p))
 
@@ -124,6 +154,15 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+
+def _negative_part_dot(x: torch.Tensor, g: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """``dot(min(x, 0), g)`` for flat tensors, in cache-sized chunks: no full-size temporary (whose fresh pages
+    cost more than the arithmetic on CPU)."""
+    total = x.new_zeros(())
+    for xs, gs in zip(x.split(chunk), g.split(chunk)):
+        total += torch.dot(torch.clamp_max(xs, 0), gs)
+    return total
 
 
 class _SharedSlopePReLU(torch.autograd.Function):
@@ -143,7 +182,7 @@ class _SharedSlopePReLU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # grad where x > 0, grad * slope elsewhere (exactly what prelu's kernel does)
             grad_x = torch.ops.aten.leaky_relu_backward(grad, x, float(weight.reshape(-1)[0]), False)
         if ctx.needs_input_grad[1]:  # sum over x <= 0 of x * grad
-            grad_w = torch.dot(torch.clamp_max(x, 0).reshape(-1), grad.reshape(-1).to(x.dtype))
+            grad_w = _negative_part_dot(x.reshape(-1), grad.reshape(-1).to(x.dtype))
             grad_w = grad_w.to(weight.dtype).view(weight.shape)
         return grad_x, grad_w
 
@@ -386,6 +425,77 @@ def _relative_position_index_on(window: int, table_window: int, device: torch.de
         return _relative_position_index(window, table_window).reshape(-1).clone().to(device)
 
 
+class _BiasedWindowAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T / sqrt(hd) + mask), p) @ v`` with a hand-written backward, for training on CPU.
+
+    Layout: ``q, k, v`` [B * nW, heads, n, hd] (windows of one sample consecutive); ``mask`` [m, heads, n, n], the
+    bias (plus shift mask) of the m windows of one sample (m = 1: the same for all windows), broadcast over samples.
+
+    Saved for backward: the scaled queries, ``k``, ``v``, the softmax output and the boolean keep mask. Autograd of
+    the explicit expression also keeps the dropped probabilities (a second [B * nW, heads, n, n] tensor) and builds
+    the sum ``scores + mask`` out of place; here the masked probabilities are rebuilt from the softmax output in
+    backward, the mask is added in place, and the dropout scale ``1 / (1 - p)`` is applied to the [.., n, hd]
+    side of the products instead of the [.., n, n] side (the same value up to rounding; same keep mask for the same
+    torch seed).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, p: float):
+        scale = q.shape[-1] ** -0.5
+        q_scaled = q * scale
+        scores = torch.matmul(q_scaled, k.transpose(-2, -1))
+        m = mask.shape[0]
+        scores.view(-1, m, *scores.shape[1:]).add_(mask)
+        attn = torch.softmax(scores, dim=-1)
+        del scores
+        if p > 0.0:
+            keep = _keep_mask(attn.shape, p)
+            out = torch.matmul(_times_mask(attn, keep), v).mul_(1.0 / (1.0 - p))
+        else:
+            keep = None
+            out = torch.matmul(attn, v)
+        ctx.save_for_backward(q_scaled, k, v, attn, keep)
+        ctx.scale, ctx.p, ctx.mask_shape = scale, p, mask.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_scaled, k, v, attn, keep = ctx.saved_tensors
+        grad_out = grad_out.contiguous() if keep is None else grad_out.mul(1.0 / (1.0 - ctx.p))
+        grad_v = None
+        if ctx.needs_input_grad[2]:
+            probs = attn if keep is None else _times_mask(attn, keep)
+            grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
+            del probs
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
+        if keep is not None:
+            _times_mask(grad_probs, keep, out=grad_probs)
+        grad_scores = torch._softmax_backward_data(grad_probs, attn, -1, attn.dtype)
+        del grad_probs
+        m = ctx.mask_shape[0]
+        grad_mask = (grad_scores.view(-1, m, *grad_scores.shape[1:]).sum(0)
+                     if ctx.needs_input_grad[3] else None)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q_scaled) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v, grad_mask, None
+
+
+def _explicit_biased_attention(q, k, v, mask, p: float) -> torch.Tensor:
+    """What :class:`_BiasedWindowAttention` computes, through autograd (CUDA, ``torch.compile``)."""
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    m = mask.shape[0]
+    scores = (scores.view(-1, m, *scores.shape[1:]) + mask).view(scores.shape)
+    return torch.matmul(dropout(scores.softmax(dim=-1), p, True), v)
+
+
+def biased_window_attention(q, k, v, mask, p: float) -> torch.Tensor:
+    """Window attention with an additive mask [m, heads, n, n] (m windows per sample) and attention dropout ``p``
+    (training); q, k, v [B * nW, heads, n, hd]."""
+    if _cpu_masks(q):
+        return _BiasedWindowAttention.apply(q, k, v, mask, p)
+    return _explicit_biased_attention(q, k, v, mask, p)
+
+
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside cubic windows with a learned relative-position bias."""
 
@@ -441,15 +551,10 @@ class WindowAttention3D(nn.Module):
         else:
             # the bias table is trained (or attention dropout is on): explicit attention, broadcasting the bias and
             # the shift mask over the batch instead of materialising a [B * nW, heads, n, n] mask
-            scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
-            mask = self._bias(window, x.device).unsqueeze(0).to(scores.dtype)
+            mask = self._bias(window, x.device).unsqueeze(0).to(q.dtype)
             if region is not None:
-                mask = mask + region.to(scores.dtype)
-                nw = region.shape[0]
-                scores = (scores.view(bw // nw, nw, heads, n, n) + mask).view(bw, heads, n, n)
-            else:
-                scores = scores + mask
-            out = torch.matmul(dropout(scores.softmax(dim=-1), p, True), v)
+                mask = mask + region.to(q.dtype)
+            out = biased_window_attention(q, k, v, mask, p)
         out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 

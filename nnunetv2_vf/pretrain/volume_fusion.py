@@ -263,8 +263,9 @@ def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
     """``out = clip(slope[seg] * x + intercept[seg], 0, 1)`` in float32, seg = segment of ``x`` between the knots.
 
     Bit-identical to a per-voxel segment lookup (each voxel sees the same float32 multiply and add), but computed
-    as the middle segment everywhere plus a masked fix-up of the few voxels below ``q_lo`` / above ``q_hi``: no
-    index arrays, no gathers over the whole crop. ``out`` may be a (flipped) view; it must not alias ``x``.
+    as the middle segment everywhere plus a fix-up of the few voxels below ``q_lo`` / above ``q_hi`` through their
+    flat indices (``take`` / ``put``: boolean indexing costs a full pass per gather and per scatter). ``out`` has
+    the shape of ``x`` (contiguous is fastest) and must not alias it.
     """
     targets = np.array([0.0, 0.1, 0.9, 1.0])
     slopes64 = np.diff(targets) / np.diff(knots)
@@ -274,12 +275,14 @@ def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
     k_hi = _float32_below_or_equal(knots[2])
     np.multiply(x, slopes[1], out=out)
     out += intercepts[1]
-    for mask, seg in ((x <= k_lo, 0), (x > k_hi, 2)):  # knots[2] > knots[1]: the two sets are disjoint
-        if mask.any():
-            part = x[mask]
+    flat = x.reshape(-1)
+    for where, seg in ((np.less_equal, 0), (np.greater, 2)):  # knots[2] > knots[1]: the two sets are disjoint
+        index = np.flatnonzero(where(flat, (k_lo, k_lo, k_hi)[seg]))
+        if index.size:
+            part = flat.take(index)
             part *= slopes[seg]
             part += intercepts[seg]
-            out[mask] = part
+            np.put(out, index, part)
     np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -331,20 +334,24 @@ def grid_augmented_crop(volume: np.ndarray, output_shape: Sequence[int], rng: np
     x = cropped.numpy()
     flip_axes = tuple(1 + a for a in range(3) if rng.uniform() < GRID_P_FLIP)
     result = np.empty(x.shape, dtype=np.float32) if out is None else out
-    # the remap is voxel-wise: compute it on the unflipped crop and write through a flipped view of the result
-    # (one strided pass instead of strided reads in every step); only the percentile probe, whose sub-grid
-    # depends on the orientation, is taken from the flipped crop, as before.
+    # the remap and gamma are voxel-wise: they run on the unflipped crop in a contiguous scratch array, and the flip
+    # (and the inversion) happen in the one strided pass that writes the result; only the percentile probe, whose
+    # sub-grid depends on the orientation, is taken from the flipped crop, as before.
     target = np.flip(result, axis=flip_axes) if flip_axes else result
     flipped = np.flip(x, axis=flip_axes) if flip_axes else x
+    scratch = np.empty(x.shape[1:], dtype=np.float32)
     for c in range(x.shape[0]):
-        knots = _contrast_knots(_probe(flipped[c]), rng, float(x[c].min()), float(x[c].max()))
+        low, high = torch.aminmax(cropped[c])  # one pass for both (exact, like numpy's min and max)
+        knots = _contrast_knots(_probe(flipped[c]), rng, float(low), float(high))
         if knots is None:
-            result[c] = 0.0
+            scratch.fill(0.0)
         else:
-            _remap_into(x[c], knots, target[c])
-        _gamma(result[c], rng.uniform(*GRID_GAMMA_RANGE))
-    if invert:
-        np.subtract(1.0, result, out=result)
+            _remap_into(x[c], knots, scratch)
+        _gamma(scratch, rng.uniform(*GRID_GAMMA_RANGE))
+        if invert:
+            np.subtract(1.0, scratch, out=target[c])
+        else:
+            np.copyto(target[c], scratch)
     return result
 
 
