@@ -70,21 +70,17 @@ def _pretrain_parser() -> argparse.ArgumentParser:
                     help="fusion classes K: alpha in {0, 1/(K-1), ..., 1}, K segmentation classes (paper: 5)")
     vf.add_argument("--vf-boxes", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                     help="'paper' variant: boxes per sample, drawn uniformly from MIN..MAX (paper: 10 40)")
-    vf.add_argument("--vf-box-min", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="'paper' variant: smallest box side per axis as a fraction of the patch (paper: 0.125 "
-                         "0.0625 0.0625, i.e. 8 8 8 voxels of 64x128x128)")
-    vf.add_argument("--vf-box-max", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="'paper' variant: largest box side per axis as a fraction of the patch (paper: 0.625 0.625 "
-                         "0.625)")
+    fraction_options = (  # per-axis sizes as fractions of the patch: (variant, option, side, paper value)
+        ("paper", "--vf-box-min", "smallest box", "0.125 0.0625 0.0625, i.e. 8 8 8 voxels of 64x128x128"),
+        ("paper", "--vf-box-max", "largest box", "0.625 0.625 0.625"),
+        ("grid", "--vf-block-min", "smallest block", "0.078125 0.0625 0.0625, i.e. 5 8 8 voxels of 64x128x128"),
+        ("grid", "--vf-block-max", "largest block", "0.3125 0.25 0.25, i.e. 20 32 32 voxels"))
     vf.add_argument("--vf-foreground-ratio", type=float, default=None, metavar="R",
                     help="'grid' variant: fraction of the grid blocks fused with the foreground (class 1..K-1) "
                          "(paper: 0.7)")
-    vf.add_argument("--vf-block-min", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="'grid' variant: smallest block side per axis as a fraction of the patch (paper: "
-                         "0.078125 0.0625 0.0625, i.e. 5 8 8 voxels of 64x128x128)")
-    vf.add_argument("--vf-block-max", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="'grid' variant: largest block side per axis as a fraction of the patch (paper: 0.3125 "
-                         "0.25 0.25, i.e. 20 32 32 voxels)")
+    for variant, option, side, paper in fraction_options:
+        vf.add_argument(option, type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help=f"'{variant}' variant: {side} side per axis as a fraction of the patch (paper: {paper})")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
                    help="resample to this spacing (mm, depth first); if omitted: native spacing")
     p.add_argument("--network", choices=["pctnet", "plans"], default="pctnet",
