@@ -6,8 +6,10 @@ Sections (each one timed, its failure recorded with the exact error, the next on
                GradScaler: outputs and gradients finite, relative differences to fp32; torch.compile on vs off
                (inductor; the CPU smoke run traces with aot_eager, which skips the C++ code generation).
   speed        training step time and peak GPU memory of PCT-Net vs nnU-Net's PlainConvUNet planned for the left
-               atrium, same patch and batch, AMP as nnU-Net uses it (fp16 autocast + GradScaler): ratios, and the
-               achieved fraction of the GPU's dense bf16 peak (FLOPs counted by torch.utils.flop_counter).
+               atrium and vs the frozen pre-optimisation PCT-Net, same patch and batch, AMP as nnU-Net uses it
+               (fp16 autocast + GradScaler), plus the current PCT-Net in bf16, bf16 with activation checkpointing and
+               bf16 + torch.compile (issue 14's GPU targets): ratios, and the achieved fraction of the GPU's dense
+               bf16 peak (FLOPs counted by torch.utils.flop_counter).
   pretrain     ``nnUNetv2_vf_pretrain`` on CUDA with the default workers: iterations per second and the fraction of
                step time spent waiting for data (goal < 5 %); then ``torchrun --nproc_per_node 1`` (NCCL DDP) trains
                and checkpoints.
@@ -161,13 +163,16 @@ def check_precision(device: str, features, patch, batch: int, compile_backend: s
 
 
 # ---- speed --------------------------------------------------------------------------------------------------------
-def _train_step_factory(net, x, device: str, amp: bool):
+def _train_step_factory(net, x, device: str, amp: str | None):
+    """One AdamW training step; ``amp``: None, "fp16" (autocast + GradScaler, nnU-Net's) or "bf16" (autocast)."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device) if amp and device == "cuda" else None
+    use_amp = amp is not None and device == "cuda"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device) if use_amp and amp == "fp16" else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.float16, enabled=scaler is not None):
+        with torch.autocast(device_type=device, dtype=dtype, enabled=use_amp):
             outs = net(x)
             loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
         if scaler is not None:
@@ -180,10 +185,14 @@ def _train_step_factory(net, x, device: str, amp: bool):
     return step
 
 
-def _time_network(net, x, device: str, repeats: int, amp: bool) -> dict:
+def _time_network(net, x, device: str, repeats: int, amp: str | None, compile_net: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     net = net.to(device).train()
-    step = _train_step_factory(net, x, device, amp)
+    params = sum(p.numel() for p in net.parameters())
+    model = torch.compile(net) if compile_net else net
+    step = _train_step_factory(model, x, device, amp)
+    if compile_net:
+        step()  # compile outside the FLOP counter
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up
     flops = counter.get_total_flops()
@@ -200,10 +209,15 @@ def _time_network(net, x, device: str, repeats: int, amp: bool) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else float("nan")
     return {"s_per_step": float(np.median(times)), "peak_MiB": peak, "tflop_per_step": flops / 1e12,
-            "params_M": sum(p.numel() for p in net.parameters()) / 1e6}
+            "params_M": params / 1e6}
 
 
 def check_speed(device: str, features, patch, batch: int, repeats: int, device_name: str) -> dict:
+    """nnU-Net's PlainConvUNet and the frozen pre-optimisation PCT-Net (``_pctnet_baseline.py``) with nnU-Net's fp16
+    AMP, against the current PCT-Net with the same AMP, with bf16 autocast, with activation checkpointing, and (CUDA)
+    with bf16 + ``torch.compile``: issue 14's GPU targets are current <= 0.6x the frozen baseline's time and
+    <= 1.5x PlainConvUNet's for the same region."""
+    import _pctnet_baseline
     from _measure import nnunet_default_unet
     from nnunetv2_vf.architectures.pctnet import PCTNet, fit_patch_size
     patch = fit_patch_size(patch, 1)
@@ -213,20 +227,47 @@ def check_speed(device: str, features, patch, batch: int, repeats: int, device_n
         raise RuntimeError(f"nnU-Net's planner changed the patch {patch} to {unet_patch}: choose a patch both accept")
     x = torch.randn(batch, 1, *patch, device=device)
     rows, peak = [], bf16_peak(device_name)
-    for name, net in (("nnU-Net PlainConvUNet", unet), ("PCT-Net", PCTNet(1, 2, features_per_stage=features))):
-        r = _time_network(net, x, device, repeats, amp=True)
+    runs = [("nnU-Net PlainConvUNet", lambda: unet, "fp16", False),
+            ("PCT-Net frozen baseline", lambda: _pctnet_baseline.PCTNet(1, 2, features_per_stage=features), "fp16",
+             False),
+            ("PCT-Net", lambda: PCTNet(1, 2, features_per_stage=features), "fp16", False),
+            ("PCT-Net bf16", lambda: PCTNet(1, 2, features_per_stage=features), "bf16", False),
+            ("PCT-Net bf16 checkpoint_blocks",
+             lambda: PCTNet(1, 2, features_per_stage=features, checkpoint_blocks=True), "bf16", False)]
+    if device == "cuda":  # inductor on the CPU compiles for minutes and made steps slower there (docs/pctnet_profile.md)
+        runs.append(("PCT-Net bf16 compiled", lambda: PCTNet(1, 2, features_per_stage=features), "bf16", True))
+    for name, make, amp, compile_net in runs:
+        torch.manual_seed(0)
+        net = make()
+        r = _time_network(net, x, device, repeats, amp, compile_net)
         r["achieved TFLOP/s"] = r["tflop_per_step"] / r["s_per_step"]
         r["fraction of bf16 peak"] = r["achieved TFLOP/s"] / peak if peak else float("nan")
-        rows.append({"network": name, **{k: round(v, 4) for k, v in r.items()}})
+        rows.append({"network": name, "amp": amp if device == "cuda" else "none",
+                     **{k: round(v, 4) for k, v in r.items()}})
         del net
         if device == "cuda":
             torch.cuda.empty_cache()
-    base, pct = rows
-    return {"patch x batch": f"{patch} x {batch}", "AMP": "fp16 autocast + GradScaler (nnU-Net's)" if device == "cuda"
-            else "none (CPU)", "bf16 peak TFLOP/s": peak, "rows": rows,
-            "PCT-Net / PlainConvUNet time": round(pct["s_per_step"] / base["s_per_step"], 3),
-            "PCT-Net / PlainConvUNet memory": round(pct["peak_MiB"] / base["peak_MiB"], 3)
-            if device == "cuda" else "n/a on CPU"}
+    by = {r["network"]: r for r in rows}
+    base, frozen = by["nnU-Net PlainConvUNet"], by["PCT-Net frozen baseline"]
+    best = min((r for r in rows if r["network"].startswith("PCT-Net") and r is not frozen
+                and "checkpoint" not in r["network"]), key=lambda r: r["s_per_step"])
+    result = {"patch x batch": f"{patch} x {batch}",
+              "AMP": "per row: fp16 = autocast + GradScaler (nnU-Net's), bf16 = autocast" if device == "cuda"
+              else "none (CPU)", "bf16 peak TFLOP/s": peak, "rows": rows,
+              "PCT-Net / PlainConvUNet time": round(by["PCT-Net"]["s_per_step"] / base["s_per_step"], 3),
+              "PCT-Net / frozen baseline time (same AMP)": round(by["PCT-Net"]["s_per_step"] / frozen["s_per_step"], 3),
+              "fastest PCT-Net": best["network"],
+              "fastest PCT-Net / frozen baseline time (target <= 0.6)": round(best["s_per_step"] / frozen["s_per_step"],
+                                                                             3),
+              "fastest PCT-Net / PlainConvUNet time (target <= 1.5)": round(best["s_per_step"] / base["s_per_step"],
+                                                                           3)}
+    if device == "cuda":
+        result["PCT-Net / PlainConvUNet memory"] = round(by["PCT-Net"]["peak_MiB"] / base["peak_MiB"], 3)
+        result["PCT-Net bf16 checkpoint_blocks / PlainConvUNet memory (target <= 2)"] = round(
+            by["PCT-Net bf16 checkpoint_blocks"]["peak_MiB"] / base["peak_MiB"], 3)
+    else:
+        result["PCT-Net / PlainConvUNet memory"] = "n/a on CPU"
+    return result
 
 
 # ---- pretraining on the device ----------------------------------------------------------------------------------
