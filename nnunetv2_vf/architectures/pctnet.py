@@ -459,6 +459,7 @@ class _BiasedWindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # numpy inside: a double backward gets torch's clear error
     def backward(ctx, grad_out):
         q_scaled, k, v, attn, keep = ctx.saved_tensors
         grad_out = grad_out.contiguous() if keep is None else grad_out.mul(1.0 / (1.0 - ctx.p))
