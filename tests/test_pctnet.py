@@ -249,6 +249,23 @@ def test_dropout_keeps_its_probability_and_scaling():
     assert dropout(x, 0.2, False) is x and dropout(x, 0.0, True) is x
 
 
+def test_bf16_autocast_training_step_on_cpu():
+    """The numpy-backed dropout and the hand-written attention must not break mixed precision (numpy has no
+    bfloat16; the attention's backward assumes one dtype): a bf16-autocast step with dropout on gives finite
+    gradients everywhere, and a bfloat16 tensor goes through dropout."""
+    from nnunetv2_vf.architectures.pctnet import dropout
+    torch.manual_seed(0)
+    net = PCTNet(1, 3, features_per_stage=SMALL).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 1, 16, 32, 32))
+        loss = sum(o.float().mean() for o in out)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert len(grads) == sum(1 for _ in net.parameters()) and all(torch.isfinite(g).all() for g in grads)
+    y = dropout(torch.ones(1000, dtype=torch.bfloat16), 0.5, True)
+    assert y.dtype == torch.bfloat16 and set(y.float().unique().tolist()) == {0.0, 2.0}
+
+
 def test_dropout_mask_chunks_continue_one_stream():
     """Masks longer than a chunk are the mask of one draw of the whole stream (same seed -> same mask whatever the
     chunk size), so chunking changed no mask."""

@@ -78,6 +78,8 @@ def _times_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = 
     """``x * keep`` for a CPU tensor outside autograd and a boolean ``keep`` of its shape, in one pass: numpy's
     product casts the booleans in small buffers, whereas torch's product by a bool tensor first copies it to a
     full-size float tensor (and ``masked_fill_`` is slower still). ``out`` may be ``x``."""
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return torch.mul(x, keep, out=x if out is x else torch.empty_like(x) if out is None else out)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     np.multiply(x.numpy(), keep.numpy(), out=out.numpy())
     return out
@@ -492,7 +494,7 @@ def _explicit_biased_attention(q, k, v, mask, p: float) -> torch.Tensor:
 def biased_window_attention(q, k, v, mask, p: float) -> torch.Tensor:
     """Window attention with an additive mask [m, heads, n, n] (m windows per sample) and attention dropout ``p``
     (training); q, k, v [B * nW, heads, n, hd]."""
-    if _cpu_masks(q):
+    if _cpu_masks(q) and not torch.is_autocast_enabled("cpu"):  # its backward assumes one dtype throughout
         return _BiasedWindowAttention.apply(q, k, v, mask, p)
     return _explicit_biased_attention(q, k, v, mask, p)
 
