@@ -79,7 +79,7 @@ def _times_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = 
     product casts the booleans in small buffers, whereas torch's product by a bool tensor first copies it to a
     full-size float tensor (and ``masked_fill_`` is slower still). ``out`` may be ``x``."""
     if x.dtype == torch.bfloat16:  # numpy has no bfloat16
-        return torch.mul(x, keep, out=x if out is x else torch.empty_like(x) if out is None else out)
+        return torch.mul(x, keep, out=torch.empty_like(x) if out is None else out)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     np.multiply(x.numpy(), keep.numpy(), out=out.numpy())
     return out
@@ -109,6 +109,9 @@ class _MaskedScale(torch.autograd.Function):
         return _masked_scale(grad, keep, ctx.scale), None, None
 
 
+_MASK_CHUNK = 2 ** 21  # elements per chunk of _keep_mask (even: two per 64-bit word, so chunks continue the stream)
+
+
 def _keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
     """Boolean CPU mask, False (dropped) with probability ``p`` (to 2**-33): 32 random bits per element compared
     with ``round(p * 2**32)``.
@@ -131,8 +134,6 @@ def _keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
         np.greater_equal(bits, threshold, out=keep[start:stop])
     return torch.from_numpy(keep).view(tuple(shape))
 
-
-_MASK_CHUNK = 2 ** 21  # elements per chunk of _keep_mask (even: two per 64-bit word, so chunks continue the stream)
 
 
 def _cpu_masks(x: torch.Tensor) -> bool:

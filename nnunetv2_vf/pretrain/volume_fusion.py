@@ -276,8 +276,8 @@ def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
     np.multiply(x, slopes[1], out=out)
     out += intercepts[1]
     flat = x.reshape(-1)
-    for where, seg in ((np.less_equal, 0), (np.greater, 2)):  # knots[2] > knots[1]: the two sets are disjoint
-        index = np.flatnonzero(where(flat, (k_lo, k_lo, k_hi)[seg]))
+    for where, knot, seg in ((np.less_equal, k_lo, 0), (np.greater, k_hi, 2)):  # disjoint: knots[2] > knots[1]
+        index = np.flatnonzero(where(flat, knot))
         if index.size:
             part = flat.take(index)
             part *= slopes[seg]
