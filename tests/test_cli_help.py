@@ -60,7 +60,9 @@ def test_pretrain_help_states_modality_and_augmentation_truthfully():
                                    timeout=120, env={"COLUMNS": "100", "PATH": ""}).stdout)
     modality = next(v for k, v in page.items() if k.startswith("--modality"))
     assert "Required for plain image folders" in modality and "dataset.json" in modality
-    assert "it is on unless this flag is given" in page["--no-augmentation"]
+    augmentation = next(v for k, v in page.items() if k.startswith("--augmentation"))
+    assert "the authors' recipe, the default" in augmentation and "'nnunet'" in augmentation
+    assert "--augmentation none" in page["--no-augmentation"]
     assert "--overwrite" in page and "--continue" in page
 
 

@@ -73,7 +73,7 @@ def test_truncated_volume_skipped_at_load_time(tmp_path, hippo_images):
     good = tmp_path / hippo_images[1].name
     good.write_bytes(hippo_images[1].read_bytes())
     cache = VolumeCache([broken, good], tmp_path / "cache", Preprocessing("MR"))
-    loader = VFPretrainDataLoader(cache, [0, 1], (16, 32, 32), 4, augment=False, seed=0)
+    loader = VFPretrainDataLoader(cache, [0, 1], (16, 32, 32), 4, augmentation="none", seed=0)
     with pytest.warns(UserWarning, match="truncated"):
         for _ in range(3):
             batch = loader.generate_train_batch()
@@ -113,14 +113,19 @@ def test_ct_window_and_resampling(tmp_path, hippo_images):
     assert resampled.shape[1:] == tuple(round(s / 2) for s in arr.shape)
 
 
-def test_small_volumes_are_padded_and_augmented_batches_have_patch_shape(tmp_path, hippo_images):
-    vol = np.random.rand(1, 5, 6, 7).astype(np.float32)
-    crop = crop_or_pad(vol, (16, 32, 32), np.random.default_rng(0))
-    assert crop.shape == (1, 16, 32, 32) and np.isclose(crop.sum(), vol.sum())
+def test_small_volumes_are_padded_by_reflection_and_augmented_batches_have_patch_shape(tmp_path, hippo_images):
+    """The authors pad by reflection: no constant slab (0 is water in CT, the mean in MR) enters the pretext task."""
+    vol = np.random.rand(1, 5, 6, 7).astype(np.float32) + 1
+    crop = crop_or_pad(vol, (9, 6, 10), np.random.default_rng(0))
+    assert crop.shape == (1, 9, 6, 10) and crop.min() >= 1  # no zero padding
+    np.testing.assert_array_equal(crop, np.pad(vol, [(0, 0), (2, 2), (0, 0), (1, 2)], mode="reflect"))
+    larger = crop_or_pad(vol, (16, 32, 32), np.random.default_rng(0))  # pads wider than the volume: reflected again
+    assert larger.shape == (1, 16, 32, 32) and set(np.unique(larger)) <= set(np.unique(vol))
     cache = VolumeCache(hippo_images[:2], tmp_path / "cache", Preprocessing("MR"))
-    loader = VFPretrainDataLoader(cache, [0, 1], (48, 64, 64), 2, augment=True, seed=0)  # larger than the images
-    batch = loader.generate_train_batch()
-    assert batch["data"].shape == (2, 1, 48, 64, 64) and np.isfinite(batch["data"]).all()
+    for augmentation in ("nnunet", "flip", "none"):
+        loader = VFPretrainDataLoader(cache, [0, 1], (48, 64, 64), 2, augmentation=augmentation, seed=0)
+        batch = loader.generate_train_batch()  # larger than the images
+        assert batch["data"].shape == (2, 1, 48, 64, 64) and np.isfinite(batch["data"]).all()
     assert len(list((tmp_path / "cache").rglob("*.npy"))) >= 1  # preprocessed once, cached
 
 
@@ -387,3 +392,20 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
     adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json"), "-w",
                       str(pretrain / "elsewhere.pth")])
     assert (pretrain / "elsewhere_2ch.pth").is_file()
+
+
+def test_a_run_recorded_before_the_recipe_settings_resumes_with_what_it_ran():
+    """config.json of a run without 'augmentation' / 'grid_source_scale' ran nnU-Net's transforms (its 'augment'
+    flag) and grid crops from the patch: --continue keeps that meaning instead of switching to today's defaults."""
+    from dataclasses import asdict
+    from nnunetv2_vf.pretrain.config import PretrainConfig, legacy_recipe, resumed_config
+    old = {k: v for k, v in asdict(PretrainConfig(inputs=["/x"], output_dir="/o")).items()
+           if k not in ("augmentation", "grid_source_scale")}
+    assert legacy_recipe({**old, "augment": True}) == {"augmentation": "nnunet", "grid_source_scale": 1.0}
+    assert legacy_recipe({**old, "augment": False})["augmentation"] == "none"
+    cfg, _ = resumed_config(PretrainConfig(inputs=[], output_dir="/o", iterations=9), {"iterations"},
+                            {**old, "augment": True}, None, Path("/o"))
+    assert cfg.augmentation == "nnunet" and cfg.grid_source_scale == 1.0 and cfg.iterations == 9
+    new, _ = resumed_config(PretrainConfig(inputs=[], output_dir="/o"), set(),
+                            asdict(PretrainConfig(inputs=["/x"], output_dir="/o")), None, Path("/o"))
+    assert new.augmentation == "flip" and new.grid_source_scale == 1.5

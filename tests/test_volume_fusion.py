@@ -410,3 +410,56 @@ def test_bad_knobs_name_the_option_and_the_papers_value(knobs, expected):
     with pytest.raises(ValueError) as e:
         FusionParameters(**knobs)
     assert expected in str(e.value) and "the paper's" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- the authors' recipe
+def test_contrast_remap_sends_a_tied_minimum_to_0p1_as_the_authors_do():
+    """Where the low percentile equals the crop's minimum (a large flat background), the minimum lies on the middle
+    segment and maps to 0.1, not 0; symmetric at the top (0.9). Without ties the knots are unchanged."""
+    from nnunetv2_vf.pretrain.volume_fusion import _contrast_knots, _remap_into, _remap_lookup
+    x = np.zeros((10, 10, 10), np.float32)
+    x[5:] = np.linspace(0.01, 1, 500, dtype=np.float32).reshape(5, 10, 10)  # half the voxels at the minimum
+    knots = _contrast_knots(x, np.random.default_rng(1), float(x.min()), float(x.max()))
+    assert knots[0] == knots[1] == 0
+    out = np.empty_like(x)
+    _remap_into(x, knots, out)
+    np.testing.assert_array_equal(out, _remap_lookup(x, knots))
+    assert np.all(out[:5] == np.float32(0.1)) and out.min() == np.float32(0.1)
+    top = 1 - x  # half the voxels at the maximum
+    knots = _contrast_knots(top, np.random.default_rng(1), float(top.min()), float(top.max()))
+    assert knots[2] == knots[3] == 1 and np.all(_remap_lookup(top, knots)[:5] == np.float32(0.9))
+    ramp = np.linspace(-1, 3, 1000, dtype=np.float32).reshape(10, 10, 10)  # no tie: the end points reach 0 and 1
+    knots = _contrast_knots(ramp, np.random.default_rng(2), -1.0, 3.0)
+    assert knots[0] < knots[1] and _remap_lookup(ramp, knots).min() == 0 and _remap_lookup(ramp, knots).max() == 1
+
+
+def test_grid_pairs_come_from_a_source_region_larger_than_the_patch():
+    """The authors cut both crops from a region 1.5x the patch, so the crop scale can zoom out: the fused patch has
+    the requested shape and is the fusion of the two crops."""
+    from nnunetv2_vf.pretrain.volume_fusion import GRID_SOURCE_SCALE, fuse, grid_source_shape
+    assert GRID_SOURCE_SCALE == 1.5 and grid_source_shape((64, 128, 128)) == (96, 192, 192)
+    with pytest.raises(ValueError, match="--grid-source-scale must be >= 1"):
+        grid_source_shape((16, 32, 32), 0.5)
+    rng = np.random.default_rng(0)
+    source = rng.random((2, 1, 24, 48, 48)).astype(np.float32)
+    fused, labels, fg, bg = volume_fusion(source, rng, "grid", output_shape=(16, 32, 32), return_sources=True)
+    assert fused.shape == fg.shape == bg.shape == (2, 1, 16, 32, 32) and labels.shape == (2, 1, 16, 32, 32)
+    np.testing.assert_allclose(fused, fuse(bg, fg, labels), atol=1e-6)
+    with pytest.raises(ValueError, match="'paper' Volume Fusion variant fuses the crops as they are"):
+        volume_fusion(source, rng, "paper", output_shape=(16, 32, 32))
+    transform = VolumeFusionTransform("grid", seed=0, output_shape=(16, 32, 32))
+    assert transform(data=source)["data"].shape == (2, 1, 16, 32, 32)
+
+
+def test_flip_augmentation_flips_each_axis_about_half_the_time():
+    """The authors' only augmentation before fusion: a flip per axis with p = 0.5, content unchanged."""
+    from nnunetv2_vf.pretrain.dataset import random_flip
+    rng = np.random.default_rng(0)
+    crop = np.arange(2 * 3 * 4, dtype=np.float32).reshape(1, 2, 3, 4)
+    counts = np.zeros(3)
+    for _ in range(400):
+        out = random_flip(crop, rng)
+        assert out.shape == crop.shape and sorted(out.ravel()) == sorted(crop.ravel())
+        d, h, w = np.argwhere(out[0] == 0)[0]  # the corner voxel moves along an axis iff that axis was flipped
+        counts += [d == 1, h == 2, w == 3]
+    assert ((counts > 160) & (counts < 240)).all()

@@ -100,9 +100,16 @@ def _pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None,
                    help="write checkpoint_latest.pth every this many iterations; if omitted: at each validation")
     p.add_argument("--val-samples", type=int, default=8, help="fixed fused validation crops")
-    p.add_argument("--no-augmentation", dest="augment", action="store_false",
-                   help="turn off nnU-Net's spatial/intensity augmentation before fusion (it is on unless this "
-                        "flag is given)")
+    p.add_argument("--augmentation", choices=["flip", "nnunet", "none"], default="flip",
+                   help="what happens to each crop before fusion: 'flip' random flips on each axis (the authors' "
+                        "recipe, the default), 'nnunet' nnU-Net's spatial/intensity training transforms, 'none' "
+                        "nothing")
+    p.add_argument("--no-augmentation", dest="augmentation", action="store_const", const="none",
+                   help="the same as --augmentation none")
+    p.add_argument("--grid-source-scale", type=float, default=None, metavar="S",
+                   help="'grid' variant: both crops of a pair are cut from a region S times the patch per axis, so "
+                        "the crop scale 0.7-1.5 can zoom out (default: 1.5, the authors'; 1 cuts them from the "
+                        "patch itself)")
     p.add_argument("--cache-dir", default=None,
                    help="folder for the preprocessed volumes; if omitted: OUTPUT_DIR/cache")
     p.add_argument("--seed", type=int, default=12345, help="random seed (weights, sampling, validation set)")
@@ -126,8 +133,8 @@ def pretrain_main(argv=None) -> None:
     if not args["inputs"] and not resume:
         parser.error("give the input folders (nnU-Net raw datasets and/or image folders), or --continue to "
                      "resume the run in -o")
-    for knob in [k for k, v in args.items() if k.startswith("vf_") and v is None]:
-        del args[knob]  # omitted: PretrainConfig's defaults, the paper's values
+    for knob in [k for k, v in args.items() if (k.startswith("vf_") or k == "grid_source_scale") and v is None]:
+        del args[knob]  # omitted: PretrainConfig's defaults, the paper's / authors' values
     explicit = _given_options(argv) - {"resume", "overwrite"}
     if not args["inputs"]:
         explicit.discard("inputs")

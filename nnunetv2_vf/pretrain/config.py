@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES
-from nnunetv2_vf.pretrain.dataset import find_images
-from nnunetv2_vf.pretrain.volume_fusion import PAPER_PARAMETERS, FusionParameters
+from nnunetv2_vf.pretrain.dataset import AUGMENTATIONS, find_images
+from nnunetv2_vf.pretrain.volume_fusion import (GRID_SOURCE_SCALE, PAPER_PARAMETERS, FusionParameters,
+                                                grid_source_shape)
 
 __all__ = ["PretrainConfig", "FUSION_SETTINGS", "RESUMABLE_SETTINGS", "fusion_parameters", "check_config",
+           "legacy_recipe",
            "check_fusion_options", "input_manifest", "new_run_config", "resumed_config", "show"]
 
 # what --continue may change: the schedule length and how the run executes; every other setting defines the run
@@ -41,7 +43,8 @@ class PretrainConfig:
     val_every: int = 1000
     save_every: Optional[int] = None            # default: val_every
     val_samples: int = 8
-    augment: bool = True
+    augmentation: str = "flip"                   # before fusion: 'flip' (the authors'), 'nnunet' or 'none'
+    grid_source_scale: float = GRID_SOURCE_SCALE  # 'grid': crops are cut from a region this many times the patch
     seed: int = 12345
     cache_dir: Optional[str] = None              # default: OUTPUT_DIR/cache
     # the Volume Fusion knobs (FusionParameters; the paper's values by default)
@@ -79,7 +82,7 @@ def _normal(value):
 
 def _option(setting: str) -> str:
     """The command-line option of a PretrainConfig field."""
-    return {"normalization": "--modality", "plans_file": "--plans", "augment": "--no-augmentation"}.get(
+    return {"normalization": "--modality", "plans_file": "--plans"}.get(
         setting, "--" + setting.replace("_", "-"))
 
 
@@ -129,6 +132,10 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ValueError(f"--num-workers must be >= 0 (got {cfg.num_workers}); 0 runs augmentation in-process")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0 (got {cfg.lr}): e.g. --lr 1e-3")
+    if cfg.augmentation not in AUGMENTATIONS:
+        raise ValueError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)} (got {cfg.augmentation!r}): "
+                         f"'flip' is the authors' recipe")
+    grid_source_shape((1, 1, 1), cfg.grid_source_scale)  # raises naming --grid-source-scale
     if cfg.variant == "paper" and cfg.batch_size < 2:
         raise ValueError("the 'paper' Volume Fusion variant fuses samples of a batch: use --batch-size >= 2 "
                          "or --variant grid")
@@ -137,8 +144,22 @@ def check_config(cfg: PretrainConfig) -> None:
     fusion_parameters(cfg)
 
 
+def legacy_recipe(run_cfg: dict) -> dict:
+    """What a run recorded before the augmentation and grid source settings existed ran with: nnU-Net's transforms
+    (its ``augment`` flag) and grid crops cut from the patch itself."""
+    out = {}
+    if "augmentation" not in run_cfg:
+        out["augmentation"] = "nnunet" if run_cfg.get("augment", True) else "none"
+    if "grid_source_scale" not in run_cfg:
+        out["grid_source_scale"] = 1.0
+    return out
+
+
 def check_fusion_options(cfg: PretrainConfig, given: set) -> None:
     """A knob of the other variant would be silently ignored: refuse it."""
+    if "grid_source_scale" in given and cfg.variant != "grid":
+        raise ValueError(f"--grid-source-scale acts in the 'grid' Volume Fusion variant only, but this run uses "
+                         f"--variant {cfg.variant}: drop --grid-source-scale, or give --variant grid")
     for setting in sorted(given & set(FUSION_SETTINGS)):
         option, variant = FusionParameters.OPTIONS[FUSION_SETTINGS[setting]]
         if variant is not None and variant != cfg.variant:
@@ -159,7 +180,7 @@ def resumed_config(cfg: PretrainConfig, explicit: set, run_cfg: dict, manifest, 
     given = asdict(cfg)
     # a run from before a setting existed ran with its default (e.g. the paper's Volume Fusion knobs)
     run_cfg = {**{k: v for k, v in asdict(PretrainConfig(inputs=[], output_dir="")).items()
-                  if k in FUSION_SETTINGS}, **run_cfg}
+                  if k in FUSION_SETTINGS}, **legacy_recipe(run_cfg), **run_cfg}
     differences = [f"{_option(k)}: the run has {show(run_cfg.get(k))}, the command line asks for "
                    f"{show(given[k])}" for k in sorted(explicit - set(RESUMABLE_SETTINGS) - {"inputs"})
                    if k in run_cfg and _normal(given[k]) != _normal(run_cfg[k])]

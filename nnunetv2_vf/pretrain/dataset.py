@@ -21,14 +21,17 @@ from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from nnunetv2_vf.checkpoint_io import atomic_write, remove_stale_tmp_files
 
-__all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "Preprocessing", "find_images", "check_volume_headers",
-           "VolumeCache", "crop_or_pad", "VFPretrainDataLoader", "nnunet_augmentation", "detect_modality",
-           "exit_with_parent"]
+__all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "AUGMENTATIONS", "Preprocessing", "find_images",
+           "check_volume_headers", "VolumeCache", "crop_or_pad", "random_flip", "VFPretrainDataLoader",
+           "nnunet_augmentation", "detect_modality", "exit_with_parent"]
 
 # what SimpleITK reads and nnU-Net datasets commonly use (longest first so '.nii.gz' wins over '.gz')
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl", ".tif", ".tiff",
                     ".vtk", ".img", ".hdr")
 CT_WINDOW = (-1000.0, 1000.0)  # HU clip of the MIS-FM reference pipeline, mapped linearly to [-1, 1]
+# what happens to a crop before fusion: 'flip' the authors' random flips, 'nnunet' nnU-Net's per-sample training
+# transforms, 'none' the crop as it is
+AUGMENTATIONS = ("flip", "nnunet", "none")
 
 
 def _extension(name: str) -> Optional[str]:
@@ -241,22 +244,30 @@ class VolumeCache:
         return np.load(target, mmap_mode="r")
 
 
-def crop_or_pad(volume: np.ndarray, patch_size: Sequence[int], rng: np.random.Generator,
-                pad_value: float = 0.0) -> np.ndarray:
-    """Random crop [C, *patch] of a [C, D, H, W] volume; sides smaller than the patch are padded (centred)."""
-    out = np.full((volume.shape[0], *patch_size), pad_value, dtype=np.float32)
-    src, dst = [], []
+def crop_or_pad(volume: np.ndarray, patch_size: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Random crop [C, *patch] (float32) of a [C, D, H, W] volume; sides smaller than the patch are first padded by
+    reflection, centred.
+
+    Reflection, as the authors do, not a constant: after normalisation 0 is water in CT's [-1, 1] and the mean in
+    z-scored MR, so a constant border would paint a false tissue slab into the pretext task.
+    """
+    pads = [((patch - size) // 2, patch - size - (patch - size) // 2) if size < patch else (0, 0)
+            for size, patch in zip(volume.shape[1:], patch_size)]
+    if any(before or after for before, after in pads):
+        # 'reflect' needs two voxels on an axis; a one-voxel side is repeated instead
+        mode = "reflect" if min(volume.shape[1:]) > 1 else "edge"
+        volume = np.pad(np.asarray(volume, dtype=np.float32), [(0, 0)] + pads, mode=mode)
+    region = [slice(None)]
     for size, patch in zip(volume.shape[1:], patch_size):
-        if size >= patch:
-            start = int(rng.integers(0, size - patch + 1))
-            src.append(slice(start, start + patch))
-            dst.append(slice(0, patch))
-        else:
-            offset = (patch - size) // 2
-            src.append(slice(0, size))
-            dst.append(slice(offset, offset + size))
-    out[(slice(None), *dst)] = volume[(slice(None), *src)]
-    return out
+        start = int(rng.integers(0, size - patch + 1))
+        region.append(slice(start, start + patch))
+    return np.array(volume[tuple(region)], dtype=np.float32)
+
+
+def random_flip(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flip a [C, D, H, W] crop on each spatial axis with p = 0.5: the authors' only augmentation before fusion."""
+    axes = tuple(1 + a for a in range(3) if rng.uniform() < 0.5)
+    return np.ascontiguousarray(np.flip(crop, axis=axes)) if axes else crop
 
 
 def nnunet_augmentation(patch_size: Sequence[int], deep_supervision_scales: Optional[list] = None):
@@ -279,22 +290,27 @@ def nnunet_augmentation(patch_size: Sequence[int], deep_supervision_scales: Opti
 
 
 class VFPretrainDataLoader(SlimDataLoaderBase):
-    """Batches of randomly cropped, per-sample augmented patches [B, 1, *patch] (before Volume Fusion).
+    """Batches of randomly cropped, per-sample augmented crops [B, 1, *crop_shape] (before Volume Fusion).
 
-    ``indices`` are this rank's share of the volume index. All randomness comes from ``self.rng`` (saved in
-    checkpoints), numpy's and torch's global generators (nnU-Net's transforms), so an in-process loader resumes
-    exactly.
+    ``crop_shape``: the patch, or for the "grid" variant the larger source region the fusion cuts its two crops
+    from (:func:`~nnunetv2_vf.pretrain.volume_fusion.grid_source_shape`). ``augmentation``: one of
+    :data:`AUGMENTATIONS`. ``indices`` are this rank's share of the volume index. All randomness comes from
+    ``self.rng`` (saved in checkpoints), numpy's and torch's global generators (nnU-Net's transforms), so an
+    in-process loader resumes exactly.
     """
 
-    def __init__(self, cache: VolumeCache, indices: Sequence[int], patch_size: Sequence[int], batch_size: int,
-                 augment: bool = True, seed: Optional[int] = None):
+    def __init__(self, cache: VolumeCache, indices: Sequence[int], crop_shape: Sequence[int], batch_size: int,
+                 augmentation: str = "flip", seed: Optional[int] = None):
         super().__init__(None, batch_size, None)
         if len(indices) == 0:
             raise ValueError("this rank received no volumes: use fewer processes than input volumes")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)} (got {augmentation!r})")
         self.cache = cache
         self.indices = list(indices)
-        self.patch_size = [int(p) for p in patch_size]
-        self.transforms, self.crop_size = (nnunet_augmentation(self.patch_size) if augment
+        self.patch_size = [int(p) for p in crop_shape]
+        self.augmentation = augmentation
+        self.transforms, self.crop_size = (nnunet_augmentation(self.patch_size) if augmentation == "nnunet"
                                            else (None, self.patch_size))
         self.rng = np.random.default_rng(seed)
         self._owner_pid = os.getpid()
@@ -325,7 +341,9 @@ class VFPretrainDataLoader(SlimDataLoaderBase):
         data = np.empty((self.batch_size, 1, *self.patch_size), dtype=np.float32)
         for b in range(self.batch_size):
             crop = crop_or_pad(self._sample_volume(), self.crop_size, self.rng)
-            if self.transforms is not None:
+            if self.augmentation == "flip":
+                crop = random_flip(crop, self.rng)
+            elif self.transforms is not None:
                 image = torch.from_numpy(crop)
                 seg = torch.zeros((1, *crop.shape[1:]), dtype=torch.int16)
                 crop = self.transforms(image=image, segmentation=seg)["image"].numpy()

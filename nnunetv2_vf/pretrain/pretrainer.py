@@ -33,7 +33,7 @@ from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, V
 from nnunetv2_vf.pretrain.distributed import Distributed
 from nnunetv2_vf.pretrain.loop import Optimisation, build_loss, deep_supervision_scales, evaluate, train_step
 from nnunetv2_vf.pretrain.progress import empty_logs, log_line, plot_progress, train_log_every
-from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform, volume_fusion
+from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform, grid_source_shape, volume_fusion
 
 __all__ = ["PretrainConfig", "VFPretrainer", "build_network", "deep_supervision_scales", "PAPER_FEATURES",
            "ADAPTATION_PLAN_FORMAT", "RESUMABLE_SETTINGS", "RUN_FILES", "FUSION_SETTINGS", "input_manifest"]
@@ -120,6 +120,13 @@ class VFPretrainer:
         self.device = self.dist.setup_device(cfg.device)
 
     @property
+    def source_shape(self) -> list[int]:
+        """What the loader crops: the patch, or for "grid" the larger region both crops of a pair come from."""
+        if self.cfg.variant == "grid":
+            return list(grid_source_shape(self.patch_size, self.cfg.grid_source_scale))
+        return list(self.patch_size)
+
+    @property
     def latest(self) -> Path:
         return self.output_dir / "checkpoint_latest.pth"
 
@@ -156,10 +163,11 @@ class VFPretrainer:
         self.model = self.dist.wrap(self.network, self.device)
         # DistributedSampler-like sharding of the volume index
         shard = self.usable[self.rank::self.world_size]
-        self.loader = VFPretrainDataLoader(self.cache, shard, self.patch_size, cfg.batch_size, augment=cfg.augment,
-                                           seed=cfg.seed + 1000 * self.rank)
+        self.loader = VFPretrainDataLoader(self.cache, shard, self.source_shape, cfg.batch_size,
+                                           augmentation=cfg.augmentation, seed=cfg.seed + 1000 * self.rank)
         self.vf_transform = VolumeFusionTransform(cfg.variant, seed=cfg.seed + 1000 * self.rank + 1,
-                                                  deep_supervision_scales=self.ds_scales, params=self.fusion)
+                                                  deep_supervision_scales=self.ds_scales, params=self.fusion,
+                                                  output_shape=self.patch_size)
         self.iteration = 0
         self.logs = empty_logs()
 
@@ -198,9 +206,10 @@ class VFPretrainer:
             if not readable:
                 raise ValueError("no input volume could be read; see the warnings above")
             # fewer volumes than samples: several crops of the same volumes
-            crops = [crop_or_pad(self.cache.load(readable[k % len(readable)]), self.patch_size, rng)
+            crops = [crop_or_pad(self.cache.load(readable[k % len(readable)]), self.source_shape, rng)
                      for k in range(max(2, self.cfg.val_samples))]
-            fused, labels = volume_fusion(np.stack(crops), rng, self.cfg.variant, params=self.fusion)
+            fused, labels = volume_fusion(np.stack(crops), rng, self.cfg.variant, params=self.fusion,
+                                          output_shape=self.patch_size)
             atomic_write(path, lambda f: np.savez(f, data=fused, target=labels), "validation set",
                          fused.nbytes + labels.nbytes)
         self.dist.barrier()
@@ -246,7 +255,10 @@ class VFPretrainer:
                            "ct_window": p.ct_window if p.normalization == "CT" else None,
                            "resampling": "nnunetv2 resample_data_or_seg_to_shape, order 3, order_z 0, "
                                          "separate z for anisotropic spacing"},
-            volume_fusion={"variant": self.cfg.variant, **self.fusion.to_dict()},
+            volume_fusion={"variant": self.cfg.variant, **self.fusion.to_dict(),
+                           "augmentation": self.cfg.augmentation, "padding": "reflect",
+                           **({"grid_source_scale": self.cfg.grid_source_scale} if self.cfg.variant == "grid"
+                              else {})},
             optimizer={"name": "Adam", "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
                        "lr_halved_every": self.cfg.lr_step, "batch_size": self.cfg.batch_size,
                        "world_size": self.world_size},
@@ -319,7 +331,8 @@ class VFPretrainer:
                  f"({nparams / 1e6:.2f} M parameters) on {len(self.usable)} volumes"
                  f"{f' ({skipped} skipped)' if skipped else ''}, patch {self.patch_size}, batch "
                  f"{cfg.batch_size} x {self.world_size} process(es), device {self.device}, "
-                 f"modality {cfg.normalization}")
+                 f"modality {cfg.normalization}, augmentation before fusion: {cfg.augmentation}"
+                 + (f", grid source region {self.source_shape}" if cfg.variant == "grid" else ""))
         save_every = cfg.save_every or cfg.val_every
         log_every = train_log_every(cfg.val_every)
         augmenter = self._augmenter() if self.iteration < cfg.iterations else None

@@ -33,7 +33,7 @@ __all__ = [
     "NUM_FUSION_CLASSES", "VARIANTS", "FusionParameters", "PAPER_PARAMETERS",
     "paper_box_size_range", "sample_paper_boxes", "paint_boxes", "paper_box_labels",
     "grid_block_size_range", "grid_block_labels",
-    "grid_augmented_crop", "fuse", "volume_fusion", "downsample_labels", "VolumeFusionTransform",
+    "grid_augmented_crop", "grid_source_shape", "GRID_SOURCE_SCALE", "fuse", "volume_fusion", "downsample_labels", "VolumeFusionTransform",
 ]
 
 NUM_FUSION_CLASSES = 5  # alpha in {0, 1/4, 2/4, 3/4, 1}
@@ -57,6 +57,9 @@ GRID_HIGH_PERCENTILE_RANGE = (98.0, 99.9)
 GRID_GAMMA_RANGE = (0.7, 1.5)
 GRID_P_FLIP = 0.5
 GRID_P_INVERT = 0.25
+# The authors cut the two crops of a pair from a source region this many times the patch per axis (96x192x192 for
+# 64x128x128), so that the crop scale U(0.7, 1.5) zooms out as well as in.
+GRID_SOURCE_SCALE = 1.5
 # Percentiles are estimated on at most this many voxels (a regular sub-grid) to keep the remap cheap.
 _PERCENTILE_MAX_VOXELS = 1 << 16
 
@@ -232,18 +235,36 @@ def grid_block_labels(shape: Sequence[int], rng: np.random.Generator, params: Fu
 def _contrast_knots(probe: np.ndarray, rng: np.random.Generator, x_min: float, x_max: float
                     ) -> Optional[np.ndarray]:
     """Knots [min, q_lo, q_hi, max] (float64, strictly increasing) of the contrast remap, which maps them to
-    [0, 0.1, 0.9, 1]: percentiles ``U(0.1, 2)`` and ``U(98, 99.9)`` of ``probe``; None for a constant crop."""
+    [0, 0.1, 0.9, 1]: percentiles ``U(0.1, 2)`` and ``U(98, 99.9)`` of ``probe``; None for a constant crop.
+
+    A percentile can equal the crop's extreme (a large zero-padded or saturated region). The authors' remap then
+    sends those voxels to 0.1 (0.9 at the top): the outer segment has zero width and the voxels lie on the middle
+    one (:func:`_segments`), so ``knots[0] <= knots[1] < knots[2] <= knots[3]``.
+    """
     p_lo = rng.uniform(*GRID_LOW_PERCENTILE_RANGE)
     p_hi = rng.uniform(*GRID_HIGH_PERCENTILE_RANGE)
     q_lo, q_hi = np.percentile(probe, [p_lo, p_hi])
     if x_max <= x_min:  # constant crop: nothing to remap
         return None
-    # knots must increase; ties (e.g. a zero-padded background) are separated by a tiny step.
     eps = (x_max - x_min) * 1e-6
     knots = np.array([x_min, q_lo, q_hi, x_max], dtype=np.float64)
-    for i in range(1, 4):
-        knots[i] = max(knots[i], knots[i - 1] + eps)
+    knots[2] = max(knots[2], knots[1] + eps)  # a tie in the middle (>= 98 % equal voxels) needs a finite slope
+    knots[3] = max(knots[3], knots[2])
     return knots
+
+
+_REMAP_TARGETS = np.array([0.0, 0.1, 0.9, 1.0])
+
+
+def _segments(knots: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """float64 (slopes, intercepts) of the three remap segments; a zero-width outer segment (a percentile tied with
+    the extreme) is the constant 0.1 / 0.9, the value of the middle segment at that knot."""
+    widths = np.diff(knots)
+    slopes = np.divide(np.diff(_REMAP_TARGETS), widths, out=np.zeros(3), where=widths > 0)
+    intercepts = _REMAP_TARGETS[:3] - slopes * knots[:3]
+    intercepts[0] = intercepts[0] if widths[0] > 0 else _REMAP_TARGETS[1]
+    intercepts[2] = intercepts[2] if widths[2] > 0 else _REMAP_TARGETS[2]
+    return slopes, intercepts
 
 
 def _float32_below_or_equal(value: float) -> np.float32:
@@ -267,10 +288,8 @@ def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
     flat indices (``take`` / ``put``: boolean indexing costs a full pass per gather and per scatter). ``out`` has
     the shape of ``x`` (contiguous is fastest) and must not alias it.
     """
-    targets = np.array([0.0, 0.1, 0.9, 1.0])
-    slopes64 = np.diff(targets) / np.diff(knots)
-    slopes = slopes64.astype(np.float32)
-    intercepts = (targets[:3] - slopes64 * knots[:3]).astype(np.float32)
+    slopes64, intercepts64 = _segments(knots)
+    slopes, intercepts = slopes64.astype(np.float32), intercepts64.astype(np.float32)
     k_lo = _float32_below_or_equal(knots[1])
     k_hi = _float32_below_or_equal(knots[2])
     np.multiply(x, slopes[1], out=out)
@@ -287,11 +306,9 @@ def _remap_into(x: np.ndarray, knots: np.ndarray, out: np.ndarray) -> None:
 
 
 def _remap_lookup(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """Reference form of :func:`_remap_into`: the per-voxel segment lookup the grid crops used before 2026-11-26
-    (kept for the equivalence test and for readability)."""
-    targets = np.array([0.0, 0.1, 0.9, 1.0])
-    slopes = np.diff(targets) / np.diff(knots)
-    intercepts = targets[:3] - slopes * knots[:3]
+    """Reference form of :func:`_remap_into`: the per-voxel segment lookup (kept for the equivalence test and for
+    readability)."""
+    slopes, intercepts = _segments(knots)
     segment = (x > knots[1]).astype(np.int8)
     segment += x > knots[2]
     out = slopes.astype(np.float32)[segment]
@@ -355,11 +372,21 @@ def grid_augmented_crop(volume: np.ndarray, output_shape: Sequence[int], rng: np
     return result
 
 
+def grid_source_shape(patch_size: Sequence[int], scale: float = GRID_SOURCE_SCALE) -> Tuple[int, int, int]:
+    """The source region of a "grid" pair for a patch: ``round(scale * patch)`` per axis (``scale`` >= 1)."""
+    if not scale >= 1:
+        raise ValueError(f"--grid-source-scale must be >= 1 (got {scale}): the source region holds the patch; "
+                         f"e.g. --grid-source-scale {GRID_SOURCE_SCALE} (the authors')")
+    return tuple(int(round(p * scale)) for p in _check_spatial_shape(patch_size))
+
+
 def _grid_pair(sample: np.ndarray, rng: np.random.Generator, foreground: Optional[np.ndarray] = None,
-               background: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """(foreground, background): two independently augmented crops of ``sample``, inverted together (p=0.25)."""
+               background: Optional[np.ndarray] = None, output_shape: Optional[Sequence[int]] = None
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """(foreground, background): two independently augmented crops of ``sample`` (the source region), resized to
+    ``output_shape`` (default: the sample's), inverted together (p=0.25)."""
     invert = bool(rng.uniform() < GRID_P_INVERT)
-    shape = sample.shape[1:]
+    shape = sample.shape[1:] if output_shape is None else output_shape
     foreground = grid_augmented_crop(sample, shape, rng, invert, out=foreground)
     background = grid_augmented_crop(sample, shape, rng, invert, out=background)
     return foreground, background
@@ -418,7 +445,8 @@ def _validate_batch(batch: np.ndarray, variant: str) -> None:
 
 
 def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "paper", *,
-                  params: FusionParameters = PAPER_PARAMETERS, return_sources: bool = False):
+                  params: FusionParameters = PAPER_PARAMETERS, return_sources: bool = False,
+                  output_shape: Optional[Sequence[int]] = None):
     """Fuse a batch ``[B, C, D, H, W]`` into Volume Fusion inputs and their K-class targets (``params``; paper
     K = 5).
 
@@ -427,20 +455,28 @@ def volume_fusion(batch: np.ndarray, rng: np.random.Generator, variant: str = "p
     ``variant="paper"``, ``Bg = batch`` and ``F = np.roll(batch, 1, axis=0)`` (sample ``(n - 1) mod B``), and for
     ``variant="grid"`` ``F``/``Bg`` are the two augmented crops of each sample. With ``return_sources=True`` the
     result is ``(fused, labels, F, Bg)``.
+
+    ``output_shape`` (``"grid"`` only): the spatial shape of the fused patch when ``batch`` holds larger source
+    regions (the authors cut both crops from a region :data:`GRID_SOURCE_SCALE` times the patch, so the 0.7-1.5
+    scale can zoom out as well as in); default: the batch's own shape.
     """
     batch = np.asarray(batch)
     _validate_batch(batch, variant)
-    spatial = batch.shape[2:]
+    spatial = batch.shape[2:] if output_shape is None else _check_spatial_shape(output_shape)
+    if variant == "paper" and tuple(spatial) != tuple(batch.shape[2:]):
+        raise ValueError(f"the 'paper' Volume Fusion variant fuses the crops as they are: output_shape {spatial} "
+                         f"must equal the batch's spatial shape {tuple(batch.shape[2:])} (or be omitted)")
     if variant == "paper":
         labels = np.stack([paper_box_labels(spatial, rng, params) for _ in range(batch.shape[0])])[:, None]
         background = batch
         foreground = np.roll(batch, 1, axis=0)
     else:
         # the crops are written straight into the stacked arrays (no per-sample arrays and np.stack copies)
-        foreground = np.empty(batch.shape, dtype=np.float32)
-        background = np.empty(batch.shape, dtype=np.float32)
+        shape = (*batch.shape[:2], *spatial)
+        foreground = np.empty(shape, dtype=np.float32)
+        background = np.empty(shape, dtype=np.float32)
         for n, sample in enumerate(batch):
-            _grid_pair(sample, rng, foreground[n], background[n])
+            _grid_pair(sample, rng, foreground[n], background[n], spatial)
         labels = np.stack([grid_block_labels(spatial, rng, params) for _ in range(batch.shape[0])])[:, None]
         if batch.dtype == np.float32 and not return_sources:
             return _fuse_float32_in_place(background, foreground, labels, params.num_classes), labels
@@ -484,12 +520,14 @@ class VolumeFusionTransform(AbstractTransform):
     ``k`` drawn from the global numpy RNG that batchgenerators seeds per worker (``seeds=`` of the augmenter). So
     with a seeded augmenter, workers differ from each other and every run repeats; with ``seeds=None`` workers
     are seeded from OS entropy by batchgenerators and differ run to run, like the data loader's own sampling.
+
+    ``output_shape`` ("grid"): the patch, when the loader yields larger source regions (see :func:`volume_fusion`).
     """
 
     def __init__(self, variant: str = "paper", data_key: str = "data", label_key: str = "target",
                  seed: Optional[int] = None,
                  deep_supervision_scales: Optional[Sequence[Union[float, Sequence[float]]]] = None,
-                 params: FusionParameters = PAPER_PARAMETERS):
+                 params: FusionParameters = PAPER_PARAMETERS, output_shape: Optional[Sequence[int]] = None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown Volume Fusion variant {variant!r}; choose one of {list(VARIANTS)}")
         self.variant = variant
@@ -497,6 +535,7 @@ class VolumeFusionTransform(AbstractTransform):
         self.label_key = label_key
         self.seed = seed
         self.params = params
+        self.output_shape = None if output_shape is None else tuple(int(s) for s in output_shape)
         self.deep_supervision_scales = None if deep_supervision_scales is None else list(deep_supervision_scales)
         self._owner_pid = os.getpid()
         self._rng: Optional[np.random.Generator] = None
@@ -530,7 +569,8 @@ class VolumeFusionTransform(AbstractTransform):
                            f"set data_key to the image key of your data loader")
         as_torch = isinstance(data, torch.Tensor)
         batch = data.detach().cpu().numpy() if as_torch else np.asarray(data)
-        fused, labels = volume_fusion(batch, self.rng, self.variant, params=self.params)
+        fused, labels = volume_fusion(batch, self.rng, self.variant, params=self.params,
+                                      output_shape=self.output_shape)
         if as_torch:
             fused = torch.from_numpy(fused)
             labels = torch.from_numpy(labels).to(torch.int16)
@@ -543,4 +583,5 @@ class VolumeFusionTransform(AbstractTransform):
     def __repr__(self):
         return (f"{type(self).__name__}(variant={self.variant!r}, data_key={self.data_key!r}, "
                 f"label_key={self.label_key!r}, seed={self.seed!r}, "
-                f"deep_supervision_scales={self.deep_supervision_scales!r}, params={self.params!r})")
+                f"deep_supervision_scales={self.deep_supervision_scales!r}, params={self.params!r}, "
+                f"output_shape={self.output_shape!r})")
