@@ -170,7 +170,8 @@ def test_fusion_knobs_are_recorded_and_used(tmp_path, images):
     assert plan["volume_fusion"] == {"variant": "paper", "num_classes": 3, "num_boxes": [2, 4],
                                      "box_fraction_min": [0.125, 0.0625, 0.0625], "box_fraction_max": [0.625] * 3,
                                      "foreground_ratio": 0.7, "block_fraction_min": [0.078125, 0.0625, 0.0625],
-                                     "block_fraction_max": [0.3125, 0.25, 0.25]}
+                                     "block_fraction_max": [0.3125, 0.25, 0.25], "augmentation": "none",
+                                     "padding": "reflect"}
     with np.load(out / "validation_set.npz") as f:
         assert set(np.unique(f["target"])) <= {0, 1, 2} and f["target"].max() == 2
     weights = torch.load(out / "checkpoint_final.pth", weights_only=True)["network_weights"]
