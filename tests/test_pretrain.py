@@ -409,3 +409,15 @@ def test_a_run_recorded_before_the_recipe_settings_resumes_with_what_it_ran():
     new, _ = resumed_config(PretrainConfig(inputs=[], output_dir="/o"), set(),
                             asdict(PretrainConfig(inputs=["/x"], output_dir="/o")), None, Path("/o"))
     assert new.augmentation == "flip" and new.grid_source_scale == 1.5
+
+
+def test_late_rise_tells_a_plateau_from_a_rising_curve_despite_noise():
+    from nnunetv2_vf.pretrain.progress import PLATEAU_RISE, late_rise
+    rng = np.random.default_rng(0)
+    it = np.arange(250, 12001, 250)
+    noise = rng.normal(0, 0.005, it.size)  # validation-point noise of a run whose lr has decayed
+    rising = 0.2 + 0.3 * it / it[-1] + noise  # +0.075 over the last quarter
+    flat = 0.5 - 0.3 * np.exp(-it / 1000) + noise  # saturated long before the last quarter
+    assert late_rise(it, rising) == pytest.approx(0.075, abs=0.03)
+    assert late_rise(it, rising) > PLATEAU_RISE > late_rise(it, flat)
+    assert late_rise(it[:3], flat[:3]) is None and late_rise([], []) is None

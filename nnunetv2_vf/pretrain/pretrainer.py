@@ -32,7 +32,7 @@ from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, V
                                           crop_or_pad, detect_modality, find_images)
 from nnunetv2_vf.pretrain.distributed import Distributed
 from nnunetv2_vf.pretrain.loop import Optimisation, build_loss, deep_supervision_scales, evaluate, train_step
-from nnunetv2_vf.pretrain.progress import empty_logs, log_line, plot_progress, train_log_every
+from nnunetv2_vf.pretrain.progress import PLATEAU_RISE, empty_logs, late_rise, log_line, plot_progress, train_log_every
 from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform, grid_source_shape, volume_fusion
 
 __all__ = ["PretrainConfig", "VFPretrainer", "build_network", "deep_supervision_scales", "PAPER_FEATURES",
@@ -392,5 +392,9 @@ class VFPretrainer:
                      f"val loss {val_loss:.4f}, val mean Dice {val_dice:.4f}, lr {lr:.2e}, "
                      f"{self.logs['sec_per_it'][-1]:.2f} s/it ({1 / max(self.logs['sec_per_it'][-1], 1e-9):.2f} "
                      f"it/s), data wait {wait:.1f} % of step time")
+            rise = late_rise(self.logs["iteration"], self.logs["val_dice"])
+            if rise is not None:
+                self.log(f"  fusion Dice rise over the last quarter of the iterations so far: {rise:+.4f} "
+                         f"({'plateau' if rise < PLATEAU_RISE else 'still rising'}: plateau below {PLATEAU_RISE})")
             self.plot_progress()
         self.dist.barrier()

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from nnunetv2_vf.checkpoint_io import atomic_write
 
-__all__ = ["empty_logs", "train_log_every", "log_line", "plot_progress"]
+__all__ = ["empty_logs", "train_log_every", "log_line", "plot_progress", "PLATEAU_RISE", "late_rise"]
+
+# The pretext has plateaued when its fixed-set fusion Dice rises less than this over the last quarter of the run.
+PLATEAU_RISE = 0.01
 
 
 def empty_logs() -> dict:
@@ -21,6 +24,25 @@ def empty_logs() -> dict:
     measured); every ``train_log_every`` iterations: train_iteration, train_loss_recent, train_lr."""
     return {"iteration": [], "train_loss": [], "val_loss": [], "val_dice": [], "lr": [], "sec_per_it": [],
             "train_iteration": [], "train_loss_recent": [], "train_lr": []}
+
+
+def late_rise(iterations, dice, fraction: float = 0.25):
+    """Rise of the fixed-set fusion Dice over the last ``fraction`` of the iterations run so far: the slope of the
+    least-squares line through the validation points in that window, times the window's length.
+
+    A line, not the difference of two points: single validation points move by a few hundredths with the weights,
+    which would decide a first-vs-last comparison on its own. None with fewer than 4 points in the window.
+    """
+    import numpy as np
+    it, d = np.asarray(iterations, dtype=float), np.asarray(dice, dtype=float)
+    if it.size == 0:
+        return None
+    start = it[-1] * (1 - fraction)
+    window = (it >= start) & np.isfinite(d)
+    if window.sum() < 4:
+        return None
+    slope = np.polyfit(it[window], d[window], 1)[0]
+    return float(slope * (it[-1] - start))
 
 
 def train_log_every(val_every: int) -> int:
