@@ -1,6 +1,6 @@
 """Shared by the accuracy studies (``pretraining_gain.py``, ``imagenet_init_accuracy.py``): seeded, paired runs of
-two or more initialisations through the real ``nnUNetv2_train``, per-case paired differences with a bootstrap
-interval, learning curves, and the JSON / markdown / PNG written under ``benchmarks/results/``.
+two or more initialisations through the real ``nnUNetv2_train``, per-case paired differences with a crossed
+seeds x cases random-effects interval, learning curves, and the JSON / markdown / PNG written under ``benchmarks/results/``.
 
 A study is a list of runs, each (budget, seed, arm). Runs of the same (budget, seed) use the same
 ``<trainer>_seed<seed>`` class, so they draw the same batches and differ only in their initial weights
@@ -210,13 +210,14 @@ def plot_learning_curves(study: Study, iterations_per_epoch: int, path: Path, ti
 
 def markdown_table(comparisons: Sequence[dict]) -> str:
     rows = ["| labelled cases | treatment | control | mean Dice treatment | mean Dice control | paired difference "
-            "[95 % CI] | seeds x cases | verdict |", "|---|---|---|---|---|---|---|---|"]
+            "[95 % CI] | smallest detectable (80 % power) | seeds x cases | verdict |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         verdict = (("**gain**" if c["mean"] > 0 else "**loss**") if c["detected"] else
                    f"no claim ({c['n_seeds']} seed)" if c["n_seeds"] < MIN_SEEDS else "no difference detected")
         rows.append(f"| {c['budget']} | {c['treatment']} | {c['control']} | {c['treatment_mean']:.3f} | "
                     f"{c['control_mean']:.3f} | {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | "
-                    f"{c['n_seeds']} x {c['n_cases']} | {verdict} |")
+                    f"{c['min_detectable']:.3f} | {c['n_seeds']} x {c['n_cases']} | {verdict} |")
     return "\n".join(rows)
 
 

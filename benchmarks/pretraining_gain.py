@@ -10,8 +10,8 @@
    ``-pretrained_weights`` (pretrained). The same seed means the same initialisation of the classifier, the same
    batches and the same augmentation, so the arms differ only in their initial weights.
 5. Per budget: per-case paired differences (pretrained - scratch, Dice averaged over foreground classes, same cases,
-   same seeds), their mean and a 95 % bootstrap interval over seeds x cases (``nnunetv2_vf.paired_stats``), and a
-   learning curve (nnU-Net's pseudo validation Dice per epoch, both arms, mean and min-max over seeds).
+   same seeds), their mean and a 95 % interval over seeds x cases (crossed random effects, Student t;
+   ``nnunetv2_vf.paired_stats``), and a learning curve (nnU-Net's pseudo validation Dice per epoch, both arms, mean and min-max over seeds).
 
 Results go to ``benchmarks/results/pretraining_gain_<setting>.{json,md}`` and ``..._curves.png``; a gain is claimed
 only where the interval excludes zero.

@@ -1,5 +1,7 @@
-"""The statistics of the accuracy studies: paired bootstrap intervals on synthetic data with a known effect, per-case
-Dice from nnU-Net's summary.json, and the study report (table, verdict, curves) from recorded runs."""
+"""The statistics of the accuracy studies: paired intervals on synthetic data with a known effect, their coverage
+and power in simulated studies from a crossed seeds x cases random-effects model (against the two-way percentile
+bootstrap as the reference), per-case Dice from nnU-Net's summary.json, and the study report (table, verdict,
+curves) from recorded runs."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunetv2_vf.paired_stats import describe_effect, paired_bootstrap, per_case_dice
+from nnunetv2_vf.paired_stats import ADVISED_SEEDS, describe_effect, paired_bootstrap, per_case_dice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -68,6 +70,113 @@ def test_nan_pairs_are_left_out_and_shapes_checked():
         paired_bootstrap(np.full((2, 2), np.nan), np.zeros((2, 2)))
 
 
+def test_seeds_or_cases_without_a_finite_pair_are_dropped():
+    t, c = _paired(0.05, 0.02, seeds=4, cases=12)
+    t_nan, c_nan = t.copy(), c.copy()
+    t_nan[:, 3] = np.nan
+    c_nan[2] = np.nan
+    e = paired_bootstrap(t_nan, c_nan)
+    kept = paired_bootstrap(np.delete(np.delete(t, 2, 0), 3, 1), np.delete(np.delete(c, 2, 0), 3, 1))
+    assert (e.n_seeds, e.n_cases) == (3, 11)
+    assert e.to_dict() == pytest.approx(kept.to_dict())
+
+
+# ---- coverage and power in simulated studies ------------------------------------------------------------------------
+# (seed sd, case sd, residual sd) of the paired difference d[seed, case] = effect + a[seed] + b[case] + e[seed, case]
+SEEDS_DOMINATE = (0.10, 0.03, 0.02)
+CASES_DOMINATE = (0.0, 0.10, 0.02)
+MIXED = (0.03, 0.05, 0.03)
+EFFECT = 0.05
+
+
+def _crossed_study(rng, sds, seeds: int, cases: int = 20, effect: float = EFFECT):
+    """(treatment, control) [seeds, cases] scores of one simulated study."""
+    seed_sd, case_sd, resid_sd = sds
+    diff = (effect + rng.normal(0, seed_sd, (seeds, 1)) + rng.normal(0, case_sd, (1, cases))
+            + rng.normal(0, resid_sd, (seeds, cases)))
+    control = rng.uniform(0.4, 0.9, size=cases) + np.zeros((seeds, 1))
+    return control + diff, control
+
+
+def _percentile_bootstrap(t, c, rng, n_boot: int = 1000):
+    """The reference: seeds and cases resampled independently with replacement, 2.5 and 97.5 percentiles."""
+    d = t - c
+    s = rng.integers(0, d.shape[0], (n_boot, d.shape[0]))
+    k = rng.integers(0, d.shape[1], (n_boot, d.shape[1]))
+    return np.quantile(d[s[:, :, None], k[:, None, :]].mean((1, 2)), [0.025, 0.975])
+
+
+def _simulate(sds, seeds: int, studies: int = 400, reference: bool = True, rng_seed: int = 0):
+    """(coverage, median width) of the interval and, with ``reference``, of the percentile bootstrap."""
+    rng = np.random.default_rng(rng_seed)
+    covered, widths, ref_covered, ref_widths = [], [], [], []
+    for _ in range(studies):
+        t, c = _crossed_study(rng, sds, seeds)
+        e = paired_bootstrap(t, c)
+        covered.append(e.low < EFFECT < e.high)
+        widths.append(e.high - e.low)
+        if reference:
+            low, high = _percentile_bootstrap(t, c, rng)
+            ref_covered.append(low < EFFECT < high)
+            ref_widths.append(high - low)
+    ours = (np.mean(covered), np.median(widths))
+    return (ours, (np.mean(ref_covered), np.median(ref_widths))) if reference else ours
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_interval_covers_the_effect_where_seeds_dominate(seeds):
+    """Three seeds give the bootstrap ten seed multisets and normal-like quantiles: it covers about three studies in
+    four. The random-effects interval with its t quantile on about S - 1 df keeps close to 95 %."""
+    (coverage, _), (ref_coverage, _) = _simulate(SEEDS_DOMINATE, seeds, rng_seed=seeds)
+    assert coverage >= 0.92
+    assert ref_coverage < 0.90
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_interval_covers_the_effect_in_a_mixed_design(seeds):
+    coverage, _ = _simulate(MIXED, seeds, reference=False, rng_seed=10 + seeds)
+    assert coverage >= 0.92
+
+
+def test_interval_stays_narrow_where_cases_dominate():
+    """No seed variation: df approaches C - 1 and the interval is about as wide as the bootstrap's."""
+    (coverage, width), (_, ref_width) = _simulate(CASES_DOMINATE, 3, rng_seed=20)
+    assert coverage >= 0.92
+    assert width <= 1.15 * ref_width
+
+
+def test_min_detectable_effect_is_detected_with_about_80_percent_power():
+    """Five seeds where seeds dominate. At the design's smallest detectable effect, from the model's true variance
+    of the mean and df, about four studies in five claim it; the studies' own estimates scatter around that value
+    (the median below it: a variance estimated from 4 df is more often under its mean than over)."""
+    from scipy import stats
+    seeds, cases = 5, 20
+    s2_seed, s2_case, s2_resid = np.square(SEEDS_DOMINATE)
+    ms = np.array([s2_resid + cases * s2_seed, s2_resid + seeds * s2_case, s2_resid])  # expected mean squares
+    dfs = np.array([seeds - 1, cases - 1, (seeds - 1) * (cases - 1)])
+    coef = np.array([1, 1, -1]) / (seeds * cases)
+    var = coef @ ms
+    df = var ** 2 / np.sum((coef * ms) ** 2 / dfs)
+    design = (stats.t.ppf(0.975, df) + stats.t.ppf(0.80, df)) * np.sqrt(var)
+    rng = np.random.default_rng(30)
+    studies = [paired_bootstrap(*_crossed_study(rng, SEEDS_DOMINATE, seeds, cases, effect=design)) for _ in range(400)]
+    assert 0.65 <= np.mean([e.detected for e in studies]) <= 0.95
+    assert 0.75 * design <= np.median([e.min_detectable for e in studies]) <= 1.1 * design
+
+
+def test_sentence_asks_for_more_seeds_where_seeds_dominate():
+    rng = np.random.default_rng(40)
+    few = paired_bootstrap(*_crossed_study(rng, SEEDS_DOMINATE, 3))
+    enough = paired_bootstrap(*_crossed_study(rng, SEEDS_DOMINATE, ADVISED_SEEDS))
+    by_cases = paired_bootstrap(*_crossed_study(rng, CASES_DOMINATE, 3))
+    assert few.seed_share > 0.5 and enough.seed_share > 0.5 and by_cases.seed_share < 0.5
+    assert f">= {ADVISED_SEEDS} seeds are needed" in describe_effect(few)
+    assert "seeds are needed" not in describe_effect(enough) + describe_effect(by_cases)
+    for e in (few, enough, by_cases):
+        assert f"smallest detectable effect (80 % power) {e.min_detectable:.3f}" in describe_effect(e)
+        assert e.min_detectable > (e.high - e.low) / 2 > 0
+
+
 def _summary(path: Path, dice: dict) -> Path:
     per_case = [{"reference_file": f"/x/gt/{case}.nii.gz", "prediction_file": f"/x/pred/{case}.nii.gz",
                  "metrics": {str(k): {"Dice": v} for k, v in enumerate(values, start=1)}}
@@ -106,7 +215,13 @@ def test_study_report_from_recorded_runs(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     md = write_report("t", "# header", comparisons, {"x": 1}, tmp_path, ["curves.png"]).read_text()
     assert "**gain**" in md and "no difference detected" in md and "3 x 10" in md
-    assert json.loads((tmp_path / "t.json").read_text())["comparisons"][0]["detected"] is True
+    assert "| smallest detectable (80 % power) |" in md
+    for c in comparisons:
+        assert 0 < c["min_detectable"] < 0.1 and f"| {c['min_detectable']:.3f} | 3 x 10 |" in md
+        assert f"smallest detectable effect (80 % power) {c['min_detectable']:.3f}" in md
+    recorded = json.loads((tmp_path / "t.json").read_text())["comparisons"]
+    assert recorded[0]["detected"] is True
+    assert recorded[1]["min_detectable"] == pytest.approx(comparisons[1]["min_detectable"])
 
 
 def test_study_refuses_unpaired_cases():
