@@ -9,8 +9,8 @@ Part B, 3D (DX-Net, ``EncoderUNet3DTrainer``, ``3d_fullres``), three arms per se
 
 The same seed gives every arm the same batches and augmentation (``<trainer>_seed<N>``); only the initial weights
 differ. Per budget: per-case paired differences against ``random`` (Dice averaged over foreground classes, the same
-validation cases), mean and 95 % interval over seeds x cases (crossed random effects, Student t), learning curves. Reports:
-``benchmarks/results/imagenet_init_<setting>.{json,md}`` and ``..._2d_curves.png`` / ``..._3d_curves.png``.
+validation cases), mean and 95 % interval over seeds x cases (crossed random effects, Student t), learning
+curves. Reports: ``benchmarks/results/imagenet_init_<setting>.{json,md}`` and ``..._2d_curves.png`` / ``..._3d_curves.png``.
 
     python benchmarks/imagenet_init_accuracy.py                    # CPU study (hippocampus)
     python benchmarks/imagenet_init_accuracy.py --setting smoke    # minutes, checks the pipeline only
