@@ -15,7 +15,7 @@ import torch
 from nnunetv2.run import run_training as nnunet_run_training
 
 from nnunetv2_vf.architectures.encoder_unet import EncoderUNet3D
-from nnunetv2_vf.architectures.pctnet import PCTNet
+from nnunetv2_vf.architectures.pctnet import PCTNet, table_layout_record
 from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
 from nnunetv2_vf.checkpoint_io import _writer_id
 from nnunetv2_vf.trainers.pctnet_trainer import PCTNetTrainer_small_2epochs
@@ -109,13 +109,13 @@ def test_good_file_and_classifiers_of_other_class_count_pass(tmp_path):
     pretrained = PCTNet(1, 5, features_per_stage=SMALL)  # 5 classes: only the classifiers differ
     weights = {**pretrained.state_dict(), "unused.extra": torch.zeros(2)}
     path = tmp_path / "checkpoint_final.pth"
-    torch.save({"network_weights": weights, "current_epoch": 3}, path)
+    torch.save({"network_weights": weights, "current_epoch": 3, **table_layout_record(weights)}, path)
     net = _pctnet()
     n = check_pretrained_compatibility(net, path, RUN)
     assert n == sum(1 for k in net.state_dict() if ".seg_layers." not in k) > 100
     # a NaN in a skipped classifier is not loaded by nnU-Net, hence no error either
     weights[next(k for k in weights if ".seg_layers." in k and k.endswith("weight"))].fill_(float("nan"))
-    torch.save({"network_weights": weights}, path)
+    torch.save({"network_weights": weights, **table_layout_record(weights)}, path)
     assert check_pretrained_compatibility(net, path) == n
 
 
@@ -191,7 +191,7 @@ def test_check_runs_inside_nnunets_own_maybe_load_checkpoint(trainer_env):
     trainer = _trainer()
     good = trainer_env / "good.pth"
     reference = _pctnet()
-    torch.save({"network_weights": reference.state_dict()}, good)
+    torch.save({"network_weights": reference.state_dict(), **table_layout_record(reference.state_dict())}, good)
     nnunet_run_training.maybe_load_checkpoint(trainer, False, False, str(good))
     key = next(k for k, v in reference.state_dict().items() if k.startswith("encoder.") and v.ndim > 1)
     assert torch.equal(trainer.network.state_dict()[key], reference.state_dict()[key])  # nnU-Net loaded it

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet, pctnet_strides
+from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet, pctnet_strides, table_layout_record
 from nnunetv2_vf.pretrain.adapt_plans import adapted_plans, convert_misfm_checkpoint
 from nnunetv2_vf.pretrain.adaptation_plan import (FORMAT, AdaptationPlan, AdaptationPlanError, NNUNET_NETWORK_KEYS,
                                                    network_keys)
@@ -132,7 +132,7 @@ def test_small_volumes_are_padded_by_reflection_and_augmented_batches_have_patch
 def test_mismatched_pretrained_checkpoint_error_lists_keys_and_fix(tmp_path):
     pretrained = PCTNet(1, 5, features_per_stage=SMALL)
     path = tmp_path / "checkpoint_final.pth"
-    torch.save({"network_weights": pretrained.state_dict()}, path)
+    torch.save({"network_weights": pretrained.state_dict(), **table_layout_record(pretrained.state_dict())}, path)
     same = PCTNet(1, 3, features_per_stage=SMALL)  # other class count: only classifiers differ -> fine
     assert check_pretrained_compatibility(same, str(path)) > 100
     other = PCTNet(1, 3, features_per_stage=(8, 16, 32, 64, 96))
@@ -227,7 +227,8 @@ def test_fine_tuning_trainers_validate_the_recorded_adaptation_plan():
 
 
 # ---------------------------------------------------------------------------------------------- adaptation plan
-# what the previous release (format 1) wrote for a PCT-Net run: it must keep loading
+# what the previous release (format 1) wrote for a PCT-Net run: refused (no table layout record, see
+# test_checkpoint_layout.py); the same plan of a network without such tables keeps loading
 V1_PLAN = {
     "format": "nnunetv2_vf.adaptation_plan/1", "trainer_name": "nnUNetv2_vf_pretrain",
     "architecture_plans": {"arch_class_name": "nnunetv2_vf.architectures.pctnet.PCTNet",
@@ -245,11 +246,16 @@ V1_PLAN = {
 def test_adaptation_plan_round_trips_and_reads_version_1(tmp_path):
     plan = _small_plan(volume_fusion={"variant": "grid", "num_classes": 3})
     again = AdaptationPlan.from_json(plan.to_json())
-    assert again == plan and json.loads(plan.to_json())["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/2"
+    assert again == plan and json.loads(plan.to_json())["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/3"
     assert plan.keys_to_in_proj == ["stem.proj"] and plan.key_to_stem == "stem"  # declared by PCTNet itself
     (tmp_path / "adaptation_plan.json").write_text(json.dumps(V1_PLAN))
+    with pytest.raises(AdaptationPlanError, match="no 'pctnet_table_layout' record"):
+        AdaptationPlan.load(tmp_path)
+    v1_plain = {**V1_PLAN, "architecture_plans": {**V1_PLAN["architecture_plans"], "arch_class_name":
+                                                  "dynamic_network_architectures.architectures.unet.PlainConvUNet"}}
+    (tmp_path / "adaptation_plan.json").write_text(json.dumps(v1_plain))
     old = AdaptationPlan.load(tmp_path)  # a pretraining output folder works as well as the file
-    assert old.format == FORMAT and old.architecture_plans == V1_PLAN["architecture_plans"]
+    assert old.format == FORMAT and old.architecture_plans == v1_plain["architecture_plans"]
     assert old.preprocessing["nnunet_normalization_scheme"] == "ZScoreNormalization" and old.iterations == 2
     assert old.volume_fusion == {"variant": "paper", "num_classes": 5}
 
@@ -358,7 +364,8 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
     pretrain.mkdir()
     torch.manual_seed(0)
     original = PCTNet(1, 5, features_per_stage=SMALL).eval()
-    torch.save({"network_weights": original.state_dict(), "trainer_name": "nnUNetv2_vf_pretrain"},
+    torch.save({"network_weights": original.state_dict(), "trainer_name": "nnUNetv2_vf_pretrain",
+                **table_layout_record(original.state_dict())},
                pretrain / "checkpoint_final.pth")
     _small_plan().save(pretrain / "adaptation_plan.json")
     folder = tmp_path / "preprocessed" / "Dataset777_TwoChannels"

@@ -166,7 +166,7 @@ def test_fusion_knobs_are_recorded_and_used(tmp_path, images):
     config = json.loads((out / "config.json").read_text())
     assert config["vf_classes"] == 3 and config["vf_boxes"] == [2, 4] and config["vf_foreground_ratio"] == 0.7
     plan = json.loads((out / "adaptation_plan.json").read_text())
-    assert plan["format"] == "nnunetv2_vf.adaptation_plan/2"
+    assert plan["format"] == "nnunetv2_vf.adaptation_plan/3" and plan["pctnet_table_layout"] == "centre-v2"
     assert plan["volume_fusion"] == {"variant": "paper", "num_classes": 3, "num_boxes": [2, 4],
                                      "box_fraction_min": [0.125, 0.0625, 0.0625], "box_fraction_max": [0.625] * 3,
                                      "foreground_ratio": 0.7, "block_fraction_min": [0.078125, 0.0625, 0.0625],
@@ -174,7 +174,9 @@ def test_fusion_knobs_are_recorded_and_used(tmp_path, images):
                                      "padding": "reflect"}
     with np.load(out / "validation_set.npz") as f:
         assert set(np.unique(f["target"])) <= {0, 1, 2} and f["target"].max() == 2
-    weights = torch.load(out / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    final = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert final["pctnet_table_layout"] == "centre-v2"  # as every PCT-Net checkpoint of a run
+    weights = final["network_weights"]
     assert weights["decoder.seg_layers.0.weight"].shape[0] == 3
 
 

@@ -10,7 +10,8 @@ Differences from the authors' module, all deliberate:
 - relative-position tables always have the full ``(2 * window_size - 1) ** 3`` rows; a block whose token grid is
   not larger than the window shrinks its window as the reference does, and reads the reference's smaller table
   from the centre of the full one (:func:`centre_table_rows`), so one set of weights runs on any valid patch and
-  the authors' checkpoints with shrunken tables load exactly;
+  the authors' checkpoints with shrunken tables load exactly; files of these weights record that layout
+  (:data:`TABLE_LAYOUT`), and weights without the record are refused (:func:`check_table_layout`);
 - the unused per-block LayerNorm of the reference is not created;
 - the final 1x1x1 classifiers live in ``decoder.seg_layers`` (nnU-Net's ``-pretrained_weights`` skips them) and
   their norm/activation in ``decoder.heads`` (those transfer).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from functools import lru_cache
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from nnunetv2_vf.checkpoint_io import read_weights_file
 
 __all__ = ["PCTNet", "pctnet_strides", "required_divisibility", "fit_patch_size", "load_misfm_weights",
            "convert_misfm_state_dict", "misfm_relative_position_index", "centre_table_rows",
-           "place_table_at_centre", "PAPER_FEATURES", "SMALL_FEATURES"]
+           "place_table_at_centre", "PAPER_FEATURES", "SMALL_FEATURES", "TABLE_LAYOUT_KEY", "TABLE_LAYOUT",
+           "TABLE_LAYOUT_FIX", "TableLayoutError", "has_relative_position_tables", "table_layout_record",
+           "table_layout_problem", "check_table_layout"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,6 +341,65 @@ def place_table_at_centre(table: torch.Tensor, table_window: int) -> torch.Tenso
     out = table.new_zeros(((2 * table_window - 1) ** 3, table.shape[1]))
     out[centre_table_rows((side + 1) // 2, table_window)] = table
     return out
+
+
+# Which rows of a relative-position bias table a shrunk window reads is part of what saved weights mean: files of
+# PCT-Net weights (pretraining checkpoints, converted MIS-FM weights) and adaptation plans of PCT-Net record it under
+# TABLE_LAYOUT_KEY.  TABLE_LAYOUT: a shrunk window w' reads the (2w'-1)**3 rows at the table's centre
+# (centre_table_rows), as the MIS-FM authors' network does.  Weights without the record have the offset layout: a
+# shrunk window reads the rows the full window gives the same relative offsets (the quirky index with the table
+# window's strides and offset shift).  Both agree at the full window only.
+TABLE_LAYOUT_KEY = "pctnet_table_layout"
+TABLE_LAYOUT = "centre-v2"
+# how weights in the offset layout are replaced (the fix of every refusal; each place adds its own steps)
+TABLE_LAYOUT_FIX = ("pretrain again with this nnunetv2_vf (nnUNetv2_vf_pretrain), or convert the MIS-FM authors' "
+                    "pctnet_ct10k_volf.pt again with nnUNetv2_vf_convert_misfm")
+_TABLE_SUFFIX = "relative_position_bias_table"
+
+
+class TableLayoutError(ValueError):
+    """Saved PCT-Net weights whose relative-position tables are not in :data:`TABLE_LAYOUT` (no record, or another
+    one); the message names the file, the problem and the fix."""
+
+
+def has_relative_position_tables(weights) -> bool:
+    """Whether a state dict holds relative-position bias tables (PCT-Net; nnU-Net's own networks have none)."""
+    return isinstance(weights, Mapping) and any(isinstance(k, str) and k.endswith(_TABLE_SUFFIX) for k in weights)
+
+
+def table_layout_record(weights) -> dict:
+    """``{TABLE_LAYOUT_KEY: TABLE_LAYOUT}`` for a state dict with relative-position tables, ``{}`` otherwise: the
+    entry every file of such weights carries next to them (pure function)."""
+    return {TABLE_LAYOUT_KEY: TABLE_LAYOUT} if has_relative_position_tables(weights) else {}
+
+
+def table_layout_problem(layout: Optional[str], subject: str) -> Optional[str]:
+    """None when ``layout`` (the record of a file whose PCT-Net weights hold relative-position tables; None: no
+    record) is :data:`TABLE_LAYOUT`; otherwise what is wrong, as a sentence starting with ``subject`` (pure
+    function)."""
+    if layout == TABLE_LAYOUT:
+        return None
+    if layout is None:
+        # a conversion would need one old row per new row; the centre rows of a shrunk window are shared by token
+        # pairs that read different rows in the offset layout, so no table reproduces the old outputs
+        return (f"{subject} has no {TABLE_LAYOUT_KEY!r} record, so its PCT-Net relative-position bias tables are in "
+                f"the offset layout: a window that shrinks to a small token grid reads the rows the full window gives "
+                f"the same relative offsets, whereas this nnunetv2_vf reads them at the centre of the table "
+                f"({TABLE_LAYOUT!r}, as the MIS-FM authors' network). The weights would load without error but "
+                f"compute something else wherever a window shrinks, and they cannot be converted (token pairs that "
+                f"share a centre row read different rows in the offset layout)")
+    return (f"{subject} records the relative-position table layout {layout!r}, which this nnunetv2_vf does not read "
+            f"(it reads {TABLE_LAYOUT!r}): a newer nnunetv2_vf wrote it; upgrade the plugin")
+
+
+def check_table_layout(checkpoint: Mapping, subject: str, fix: str) -> None:
+    """Raise :class:`TableLayoutError` (the problem, then a line ``Fix: <fix>``) when
+    ``checkpoint['network_weights']`` holds relative-position tables and ``checkpoint`` does not record
+    :data:`TABLE_LAYOUT`; other weights pass."""
+    if has_relative_position_tables(checkpoint.get("network_weights")):
+        problem = table_layout_problem(checkpoint.get(TABLE_LAYOUT_KEY), subject)
+        if problem:
+            raise TableLayoutError(f"{problem}\nFix: {fix}")
 
 
 @lru_cache(maxsize=16)
@@ -750,6 +812,8 @@ class PCTNet(nn.Module):
     key_to_stem = "stem"
     key_to_encoder = "encoder"
     keys_to_in_proj = ("stem.proj",)
+    # what its bias tables mean, recorded in adaptation plans (nnunetv2_vf.pretrain.adaptation_plan)
+    table_layout = TABLE_LAYOUT
 
     def __init__(self, input_channels: int, num_classes: int,
                  features_per_stage: Sequence[int] = PAPER_FEATURES, resolution_mode: int = 1,

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES
+from nnunetv2_vf.architectures.pctnet import (PAPER_FEATURES, TABLE_LAYOUT_FIX, check_table_layout,
+                                              table_layout_record)
 from nnunetv2_vf.checkpoint_io import atomic_write, save_torch
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan
@@ -119,11 +120,13 @@ def write_multichannel_weights(weights_file: str | os.PathLike, plan: Adaptation
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise ValueError(f"{weights_file} holds no 'network_weights': give the checkpoint_final.pth of "
                          f"nnUNetv2_vf_pretrain or the file nnUNetv2_vf_convert_misfm wrote, with -w")
+    check_table_layout(ckpt, f"pretrained weights {weights_file}",
+                       f"{TABLE_LAYOUT_FIX}, then run nnUNetv2_vf_adapt_plans with the new adaptation_plan.json")
     weights = repeat_stem_over_channels(ckpt["network_weights"], plan.keys_to_in_proj, channels)
     target = weights_file.with_name(f"{weights_file.stem}_{channels}ch.pth")
     save_torch({**{k: v for k, v in ckpt.items() if k in ("trainer_name", "architecture")},
-                "network_weights": weights, "input_channel_adaptation": INPUT_CHANNEL_RULE}, target,
-               "converted weights")
+                "network_weights": weights, "input_channel_adaptation": INPUT_CHANNEL_RULE,
+                **table_layout_record(weights)}, target, "converted weights")
     return target
 
 
@@ -204,7 +207,9 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted"}, target, "converted weights")
+    # the authors' tables are read as they are (load_misfm_weights places shrunken ones at the centre): this layout
+    save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted", **table_layout_record(weights)},
+               target, "converted weights")
     patch = fit_patch_size((64, 128, 128), resolution_mode)
     plan = AdaptationPlan.for_network(
         {"network_class_name": f"{PCTNet.__module__}.{PCTNet.__name__}",

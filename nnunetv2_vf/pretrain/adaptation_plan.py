@@ -4,7 +4,9 @@ MIS-FM checkpoint), as one typed, versioned record.
 Written by ``nnUNetv2_vf_pretrain`` and ``nnUNetv2_vf_convert_misfm`` (``adaptation_plan.json``), read by
 ``nnUNetv2_vf_adapt_plans`` and the fine-tuning trainers. The field names follow nnssl / nnU-Net master's
 adaptation plan (``architecture_plans``, ``recommended_downstream_patchsize``, ``key_to_encoder``, ...), so a reader
-of either finds the same things here. Version 1 files (the release before this module) still load.
+of either finds the same things here. Plans of formats 1 and 2 still load, except those of a network with
+relative-position tables (PCT-Net): format 3 records the tables' layout (``pctnet_table_layout``), and a PCT-Net plan
+without it describes weights this version would compute differently with, so it is refused.
 
 Which state-dict keys are a network's stem, encoder and input projection is declared by the network: class
 attributes ``key_to_stem``, ``key_to_encoder`` and ``keys_to_in_proj`` (PCTNet has them), or, for nnU-Net's own
@@ -20,12 +22,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["AdaptationPlan", "AdaptationPlanError", "NetworkKeys", "network_keys", "NNUNET_NETWORK_KEYS",
-           "FORMAT", "FORMAT_V1", "READABLE_FORMATS", "PLAN_FILE_NAME"]
+__all__ = ["AdaptationPlan", "AdaptationPlanError", "NetworkKeys", "network_keys", "network_table_layout",
+           "NNUNET_NETWORK_KEYS", "FORMAT", "FORMAT_V1", "FORMAT_V2", "READABLE_FORMATS", "PLAN_FILE_NAME"]
 
 FORMAT_V1 = "nnunetv2_vf.adaptation_plan/1"
-FORMAT = "nnunetv2_vf.adaptation_plan/2"
-READABLE_FORMATS = (FORMAT_V1, FORMAT)
+FORMAT_V2 = "nnunetv2_vf.adaptation_plan/2"  # added weights_file
+FORMAT = "nnunetv2_vf.adaptation_plan/3"  # added pctnet_table_layout
+READABLE_FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
 PLAN_FILE_NAME = "adaptation_plan.json"
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
 _FIX = "regenerate it with nnUNetv2_vf_pretrain (or nnUNetv2_vf_convert_misfm), or repair the field by hand"
@@ -67,6 +70,19 @@ def network_keys(arch_class_name: str) -> NetworkKeys:
                      f"or add it to nnunetv2_vf.pretrain.adaptation_plan.NNUNET_NETWORK_KEYS")
 
 
+def network_table_layout(arch_class_name: str) -> Optional[str]:
+    """The relative-position table layout ``arch_class_name`` declares (class attribute ``table_layout``: PCTNet's
+    ``pctnet.TABLE_LAYOUT``), or None: a network without such tables (nnU-Net's own) or a class not importable
+    here."""
+    if any(arch_class_name == name for name in NNUNET_NETWORK_KEYS):
+        return None
+    try:
+        cls = pydoc.locate(arch_class_name)
+    except pydoc.ErrorDuringImport:
+        return None
+    return getattr(cls, "table_layout", None) if isinstance(cls, type) else None
+
+
 def _problem(source: str, name: str, what: str) -> AdaptationPlanError:
     return AdaptationPlanError(f"adaptation plan {source}: field {name!r} {what}; {_FIX}")
 
@@ -98,14 +114,17 @@ class AdaptationPlan:
     iterations: Optional[int] = None
     num_pretraining_images: Optional[int] = None
     weights_file: Optional[str] = None  # the weights' file name, next to the plan (format 2; format 1 had none)
+    # pctnet.TABLE_LAYOUT for a network with relative-position tables, None for one without (format 3)
+    pctnet_table_layout: Optional[str] = None
     format: str = FORMAT
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def for_network(cls, architecture: dict, **values) -> "AdaptationPlan":
         """A plan for an nnU-Net ``architecture`` block (``network_class_name``, ``arch_kwargs``,
-        ``_kw_requires_import``); the keys come from the network's own declaration."""
+        ``_kw_requires_import``); the keys and the table layout come from the network's own declaration."""
         keys = network_keys(architecture["network_class_name"])
+        values.setdefault("pctnet_table_layout", network_table_layout(architecture["network_class_name"]))
         return cls(architecture_plans={"arch_class_name": architecture["network_class_name"],
                                        "arch_kwargs": copy.deepcopy(architecture["arch_kwargs"]),
                                        "arch_kwargs_requiring_import": list(architecture.get("_kw_requires_import",
@@ -162,6 +181,13 @@ class AdaptationPlan:
                                                       f"{proj!r}")
         if not isinstance(self.volume_fusion, dict):
             raise _problem(source, "volume_fusion", f"must be an object, got {type(self.volume_fusion).__name__}")
+        if network_table_layout(arch["arch_class_name"]) is not None:
+            from nnunetv2_vf.architectures.pctnet import TABLE_LAYOUT_FIX, table_layout_problem
+            problem = table_layout_problem(self.pctnet_table_layout,
+                                           f"adaptation plan {source} (network {arch['arch_class_name']})")
+            if problem:
+                raise AdaptationPlanError(f"{problem}\nFix: {TABLE_LAYOUT_FIX}, then run nnUNetv2_vf_adapt_plans "
+                                          f"with the adaptation_plan.json written next to the new weights")
         return self
 
     # ------------------------------------------------------------------ serialisation
@@ -188,6 +214,7 @@ class AdaptationPlan:
             if name not in data:
                 raise _problem(source, name, "is missing")
         values = {k: v for k, v in data.items() if k in known}
+        # formats 1 and 2 have no pctnet_table_layout: validate() refuses them for a network with such tables
         if data["format"] == FORMAT_V1:  # v1: the same fields; it recorded only the variant and K of the task
             values["volume_fusion"] = dict(data.get("volume_fusion") or {})
             values["format"] = FORMAT_V1

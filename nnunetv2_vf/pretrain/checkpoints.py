@@ -1,5 +1,7 @@
 """The run folder's files: which ones make a run, resume state (weights, optimiser, RNG streams) written through
-``checkpoint_io.atomic_write`` and read weights-only, the final checkpoint and the json records."""
+``checkpoint_io.atomic_write`` and read weights-only, the final checkpoint and the json records. Checkpoints of
+PCT-Net record the layout of its relative-position tables (``pctnet.TABLE_LAYOUT``); a run is resumed only from
+one in this layout."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from nnunetv2_vf.architectures.pctnet import check_table_layout, table_layout_record
 from nnunetv2_vf.checkpoint_io import atomic_write, read_weights_file, remove_stale_tmp_files, save_torch
 
 __all__ = ["CheckpointStore", "RUN_MARKERS", "RUN_FILES", "rng_state", "set_rng_state", "plain"]
@@ -46,6 +49,9 @@ class CheckpointStore:
                    "another -o folder)")
             # allow_numpy: runs saved before the RNG states became plain lists
             saved = read_weights_file(self.latest, "the run's checkpoint", "", fix, allow_numpy=True)
+            check_table_layout(saved, f"the run's checkpoint {self.latest}",
+                               "--continue cannot resume it with this nnunetv2_vf: start the run again with "
+                               "--overwrite (or another -o folder)")
             return saved, dict(saved["config"]), saved.get("input_files")
         if self.config.is_file():  # killed before its first checkpoint: restart it from iteration 0
             stored = json.loads(self.config.read_text())
@@ -66,13 +72,15 @@ class CheckpointStore:
         atomic_write(self.output_dir / name, lambda f: f.write(json.dumps(obj, indent=2).encode()), name)
 
     def save_latest(self, state: dict) -> None:
-        save_torch(state, self.latest, "checkpoint")
+        """``state`` (with ``network_weights``) plus the layout of its relative-position tables, if any."""
+        save_torch({**state, **table_layout_record(state["network_weights"])}, self.latest, "checkpoint")
 
     def save_final(self, network_weights: dict, iteration: int, architecture: dict) -> None:
         """What nnU-Net's ``-pretrained_weights`` and the adaptation tools read."""
         final = {"network_weights": {k: v.detach().cpu().clone() for k, v in network_weights.items()},
                  "trainer_name": "nnUNetv2_vf_pretrain", "current_epoch": int(iteration),
-                 "iteration": int(iteration), "architecture": plain(architecture)}
+                 "iteration": int(iteration), "architecture": plain(architecture),
+                 **table_layout_record(network_weights)}
         save_torch(final, self.final, "final checkpoint")
 
 

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from nnunetv2_vf.architectures.pctnet import (TABLE_LAYOUT, TABLE_LAYOUT_FIX, TABLE_LAYOUT_KEY,
+                                              has_relative_position_tables, table_layout_problem)
 from nnunetv2_vf.checkpoint_io import (TMP_MARK, WriteError, atomic_write, payload_bytes, read_weights_file,
                                        remove_stale_tmp_files)
 
@@ -134,8 +136,9 @@ def check_pretrained_compatibility(network: torch.nn.Module, path: str | os.Path
     The file is read with ``torch.load(weights_only=True)`` (numpy data types allowed, as in nnU-Net's own
     checkpoints): a file that would need arbitrary unpickling is refused, never executed. Checked in order: missing,
     empty, corrupt or code-carrying file; the MIS-FM authors' raw format; no ``network_weights``; a 2D checkpoint for
-    a 3D network; missing keys and shape mismatches (the rule of nnU-Net's loader); NaN/Inf in the tensors that load.
-    ``run`` fills the fix commands in.
+    a 3D network; missing keys and shape mismatches (the rule of nnU-Net's loader); NaN/Inf in the tensors that load;
+    PCT-Net tables in another layout than ``pctnet.TABLE_LAYOUT`` (:func:`_check_table_layout`). ``run`` fills the fix
+    commands in.
     """
     path = os.fspath(path)
     _refuse_foreign_file(path, run)
@@ -227,7 +230,27 @@ def check_pretrained_compatibility(network: torch.nn.Module, path: str | os.Path
                     f"(the run that wrote it diverged):\n{_listing(bad)}",
                     "use an earlier checkpoint of that run (checkpoint_best.pth or an older checkpoint_latest.pth), "
                     "or pretrain again with a lower learning rate", run)
+    if has_relative_position_tables(own):
+        _check_table_layout(ckpt, path, run)
     return len(loaded)
+
+
+def _check_table_layout(ckpt: dict, path: str, run: Optional[RunContext]) -> None:
+    """Refuse PCT-Net weights whose relative-position tables are not in this version's layout.
+
+    nnU-Net's own training checkpoints (``init_args``) are exempt when they carry no record: nnU-Net writes them
+    (stock trainers too can train a PCTNet from plans) and has no place for one, so a missing record says nothing
+    about their layout. The PCT-Net weight files this plugin writes (pretraining, MIS-FM conversion, multi-channel
+    stems) all carry one."""
+    layout = ckpt.get(TABLE_LAYOUT_KEY)
+    if layout is None and "init_args" in ckpt:
+        return
+    problem = table_layout_problem(layout, f"-pretrained_weights {path}")
+    if problem:
+        raise _fail(problem, f"{TABLE_LAYOUT_FIX}, and fine-tune from the new weights (with nnUNetv2_vf_adapt_plans "
+                             f"on their adaptation_plan.json). Weights your own code saved from this nnunetv2_vf's "
+                             f"PCTNet only lack the record: add checkpoint[{TABLE_LAYOUT_KEY!r}] = {TABLE_LAYOUT!r} "
+                             f"to the saved dict", run)
 
 
 def pending_pretrained_weights(trainer) -> Optional[str]:
