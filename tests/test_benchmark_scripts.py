@@ -70,3 +70,24 @@ def test_pctnet_speed_benchmark_smoke():
     heap = {name: float(cols[-3]) for name, cols in rows.items()}  # heap MiB, x nnU-Net, x frozen
     assert heap["PCT-Net checkpoint_blocks"] < heap["PCT-Net"] <= heap["PCT-Net frozen baseline"]
     assert rows["nnU-Net PlainConvUNet"][-2] == "1.00" and rows["PCT-Net frozen baseline"][-1] == "1.00"
+
+
+def test_head_start_study_help_and_analysis():
+    """head_start.py: --help names its settings and arms (the smoke setting takes several minutes on CPU, so it is
+    not run here); its flatness check and leak check on small inputs."""
+    out = _run([REPO / "benchmarks" / "head_start.py", "--help"], timeout=300)
+    assert "--setting {converged,cpu,smoke}" in out and "pretrained_peakLr1em4" in out and "--report-only" in out
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import head_start
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rising = [[0.1 * e for e in range(10)]] * 3
+    flat = [[0.5] * 8 + [0.51, 0.5], [0.6] * 10]
+    assert not head_start.flatness(rising)["flat"] and head_start.flatness(flat)["flat"]
+    assert head_start.flatness([[0.3]]) is None  # one epoch: nothing to judge
+    assert head_start.flatness(rising)["window_epochs"] == 2
+    from nnunetv2_vf.trainers import seeded
+    for trainer in {t for setting in head_start.SETTINGS.values() for t in setting["budgets"].values()}:
+        for suffix, _ in head_start.ARMS.values():  # every budget trainer and recipe exists, seeded
+            assert hasattr(seeded, f"{trainer}{suffix}_seed4"), f"{trainer}{suffix}_seed4"

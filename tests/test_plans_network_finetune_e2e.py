@@ -53,9 +53,11 @@ def test_resenc_pretrain_adapt_finetune_predict(resenc_pretrained, hippo_dataset
                       "-pretrained_weights", weights, "-device", "cpu"], env, echo=False)
     model_dir = Path(env["nnUNet_results"]) / hippo_dataset["name"] / f"{TRAINER}__{VF_PLANS}__3d_fullres"
     assert "Loading pretrained weights" in log  # nnU-Net's own loader
-    assert "Current learning rate: 0.0005" in log and "Current learning rate: 0.001" in log  # warm-up, then peak
+    # per-iteration schedule over 2 x 4 iterations: one warm-up iteration at half the 1e-3 peak (epoch 0's logged
+    # lr), peak at iteration 1, poly decay; epoch 1 starts at iteration 4: 1e-3 * (1 - 3/7)^0.9 = 0.0006
+    assert "Current learning rate: 0.0005" in log and "Current learning rate: 0.0006" in log
     assert "FreezeEncoder: encoder frozen" in log and "encoder unfrozen at epoch 1" in log
-    assert log.index("encoder frozen") < log.index("Current learning rate: 0.001") < log.index("unfrozen at epoch 1")
+    assert log.index("encoder frozen") < log.index("Current learning rate: 0.0006") < log.index("unfrozen at epoch 1")
     debug = json.loads((model_dir / "fold_0" / "debug.json").read_text())
     assert debug["freeze_encoder_epochs"] == "1" and debug["batch_size"] == "2"  # recorded in the model folder
     assert json.loads((model_dir / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][

@@ -1,6 +1,7 @@
-"""Fine-tuning options as trainer mixins: encoder-only loading, a frozen encoder for the first epochs, and a lower
-learning rate for the encoder.  Each is one idea, selected by trainer name (``-tr VFPretrainedTrainer_encoderOnly``),
-so it is recorded in the model folder's name and, with its setting, in ``debug.json``.
+"""Fine-tuning options as trainer mixins: encoder-only loading, a frozen encoder for the first epochs or for the whole
+run, a lower learning rate for the encoder, and a lower peak learning rate.  Each is one idea, selected by trainer
+name (``-tr VFPretrainedTrainer_encoderOnly``), so it is recorded in the model folder's name and, with its setting,
+in ``debug.json``.
 
 nnU-Net's ``-pretrained_weights`` loader always loads every tensor except ``.seg_layers.`` (it asserts that each key
 is present) right after ``initialize()`` and before ``run_training()``; the trainer never sees the file.  The mixins
@@ -22,8 +23,8 @@ from torch import nn
 
 from nnunetv2_vf.trainers.lr_schedule import WarmupPolyLRScheduler
 
-__all__ = ["EncoderOnlyLoading", "FreezeEncoder", "EncoderLearningRate", "encoder_modules", "encoder_parameters",
-           "encoder_tensor_names", "unwrap_network"]
+__all__ = ["EncoderOnlyLoading", "FreezeEncoder", "FrozenEncoderWholeRun", "EncoderLearningRate", "PeakLearningRate",
+           "encoder_modules", "encoder_parameters", "encoder_tensor_names", "unwrap_network"]
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -213,3 +214,63 @@ class EncoderLearningRate:
                                f"{sum(1 for g in new if g['params'])} non-encoder group(s))",
                                also_print_to_console=True)
         return optimizer, scheduler
+
+
+class FrozenEncoderWholeRun:
+    """The encoder is frozen for the whole run: only decoder and classifiers train, on top of fixed encoder features.
+
+    For comparing encoders as feature extractors, e.g. a VF-pretrained against a random one: without
+    ``-pretrained_weights`` the frozen encoder is the random initialisation, so the same trainer is the control arm.
+
+    Frozen means ``requires_grad=False`` for every encoder parameter from ``on_train_start`` (after nnU-Net's
+    ``-pretrained_weights`` loader, and again on a ``--c`` continuation): no gradient, so neither the optimiser step
+    nor weight decay moves them.  Its BatchNorm layers stay in train mode, as nnU-Net sets the whole network each
+    epoch: they normalise with the statistics of the training batch and their running statistics follow the target
+    data, which validation and prediction then use.  Why not eval mode with the stored statistics (what
+    :class:`FreezeEncoder` does for its first epochs): a random encoder's stored statistics are the initial mean 0 /
+    variance 1, which do not describe its activations at all, and a pretrained encoder's describe the pretraining
+    images, not the target data; either would handicap one arm for a reason other than its weights.  The BatchNorm
+    affine weights are parameters and stay frozen.  Refused under DDP (its reducer expects gradients for every
+    parameter).
+    """
+
+    def on_train_start(self):
+        if self.is_ddp:
+            raise RuntimeError(f"{type(self).__name__} cannot freeze parameters under multi-GPU (DDP) training; "
+                               f"train on one GPU")
+        params = encoder_parameters(self.network)
+        for p in params:
+            p.requires_grad_(False)
+        frozen = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in self.network.parameters())
+        self.print_to_log_file(f"FrozenEncoderWholeRun: encoder frozen for the whole run ({frozen} of {total} "
+                               f"parameters); its BatchNorm layers use batch statistics and update their running "
+                               f"statistics on the training data", also_print_to_console=True)
+        super().on_train_start()
+
+
+class PeakLearningRate:
+    """Another peak lr and warm-up for the trainer's own warm-up + poly schedule: ``peak_lr`` (nnU-Net's
+    ``initial_lr``) and ``peak_warmup_fraction`` (of all epochs, or of all iterations under a training budget).
+
+    A pretrained network starts near a good solution; the full fine-tuning peak (1e-3 for AdamW and for the
+    plugin's SGD) moves it far from there within tens of iterations.  A tenth of it without warm-up trains the
+    classifier from the first step and keeps the pretrained weights close.  The explicit ``__init__`` signature is
+    nnU-Net's (see :class:`~nnunetv2_vf.trainers.variants.TrainingBudget`); nnU-Net's ``debug.json`` records both
+    values.
+    """
+
+    peak_lr: float = 1e-3
+    peak_warmup_fraction: float = 0.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        lr, warmup = self.peak_lr, self.peak_warmup_fraction
+        for name, value, ok in (("peak_lr", lr, lambda v: 0 < v <= 1),
+                                ("peak_warmup_fraction", warmup, lambda v: 0 <= v < 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{type(self).__name__}.{name} must be a number in "
+                                 f"{'(0, 1]' if name == 'peak_lr' else '[0, 1)'}, got {value!r}")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = float(lr)  # set after the trainer's own __init__, which sets its defaults
+        self.warmup_fraction = float(warmup)

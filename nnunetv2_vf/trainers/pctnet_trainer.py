@@ -81,11 +81,12 @@ class PCTNetTrainer(PretrainedWeightsCheck, AtomicCheckpoints, ProgressLines, nn
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
         self.weight_decay = 1e-5
-        self.warmup_fraction = 0.02  # of num_epochs, at least one epoch
+        # of the epochs (at least one; 0: no warm-up), of all iterations under a TrainingBudget (per-iteration steps)
+        self.warmup_fraction = 0.02
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(_decay_groups(self.network, self.weight_decay), lr=self.initial_lr)
-        warmup = max(1, round(self.warmup_fraction * self.num_epochs))
+        warmup = max(1, round(self.warmup_fraction * self.num_epochs)) if self.warmup_fraction > 0 else 0
         return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
 
 

@@ -45,7 +45,7 @@ class VFPlansNetworkTrainer(PretrainedWeightsCheck, AtomicCheckpoints, ProgressL
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
-        warmup = max(1, round(self.warmup_fraction * self.num_epochs))
+        warmup = max(1, round(self.warmup_fraction * self.num_epochs)) if self.warmup_fraction > 0 else 0
         return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
 
 
@@ -73,7 +73,7 @@ class CpuBatch:
 
 
 class VFPlansNetworkTrainer_cpu_2epochs(CpuBatch, NoMirroring, TrainingBudget, VFPlansNetworkTrainer):
-    """Smoke-test size: 2 epochs x 4 iterations (1 warm-up epoch), batch at most 2, no mirroring."""
+    """Smoke-test size: 2 epochs x 4 iterations (1 warm-up iteration), batch at most 2, no mirroring."""
 
     budget = (2, 4, 2)
 

@@ -1,5 +1,5 @@
 """Mixins for nnU-Net-style trainer variants (``_Xepochs``, ``NoMirroring``, ``_seedN``) shared by all plugin
-trainers.
+trainers; a ``TrainingBudget`` also anneals its learning rate per iteration (``PerIterationSchedule``).
 
 Place them before the trainer class: ``class PCTNetTrainer_small_2epochs(NoMirroring, TrainingBudget, ...)``.
 """
@@ -11,11 +11,59 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["TrainingBudget", "NoMirroring", "Seeded", "seed_everything"]
+from nnunetv2_vf.trainers.lr_schedule import PerIterationWarmupPolyLRScheduler, WarmupPolyLRScheduler
+
+__all__ = ["TrainingBudget", "PerIterationSchedule", "NoMirroring", "Seeded", "seed_everything"]
 
 
-class TrainingBudget:
+class PerIterationSchedule:
+    """The trainer's warm-up + poly schedule stepped every training iteration instead of every epoch.
+
+    nnU-Net sets the lr once per epoch (``lr_scheduler.step(current_epoch)`` in ``on_train_epoch_start``): over a
+    few epochs that is a staircase that never anneals, e.g. a 10-epoch budget trains its whole last epoch at 14 % of
+    the peak and warms up with one constant epoch at half the peak.  Here the same warm-up + poly decay runs over all
+    ``num_epochs x num_iterations_per_epoch`` iterations: the last iteration trains at (1 / decay iterations)^0.9 of
+    the peak (1.2 % for 10 x 15 iterations with a 10 % warm-up) and the warm-up rises every iteration.
+
+    - ``configure_optimizers``: the trainer's own optimiser and :class:`WarmupPolyLRScheduler` (its per-group peaks,
+      e.g. a lower encoder lr, and its exponent are kept), re-counted in iterations; the warm-up is the trainer's
+      ``warmup_fraction`` of all iterations (at least one when the fraction is not 0).
+    - ``on_train_epoch_start`` resets the iteration count; nnU-Net's own ``step(current_epoch)`` there sets (and
+      logs) the lr of the epoch's first iteration.
+    - ``train_step`` sets the lr of (``current_epoch``, iteration) before nnU-Net's step.
+
+    The lr depends on nothing but the epoch and the iteration in it (each call sets it absolutely), so nnU-Net's
+    epoch-start call and the first iteration's call set the same value (no double stepping), and a ``--c``
+    continuation, which restores ``current_epoch`` and the optimiser's peaks, continues the same sequence.
+    """
+
+    def configure_optimizers(self):
+        optimizer, scheduler = super().configure_optimizers()
+        if not isinstance(scheduler, WarmupPolyLRScheduler):
+            raise TypeError(f"{type(self).__name__}: PerIterationSchedule re-counts a WarmupPolyLRScheduler in "
+                            f"iterations, but configure_optimizers returned {type(scheduler).__name__}")
+        total = self.num_epochs * self.num_iterations_per_epoch
+        fraction = getattr(self, "warmup_fraction", scheduler.warmup_steps / max(1, scheduler.max_steps))
+        warmup = max(1, round(fraction * total)) if fraction > 0 else 0
+        return optimizer, PerIterationWarmupPolyLRScheduler(optimizer, self.num_iterations_per_epoch, total, warmup,
+                                                            scheduler.exponent)
+
+    def on_train_epoch_start(self):
+        self._iteration_in_epoch = 0
+        super().on_train_epoch_start()
+
+    def train_step(self, batch: dict) -> dict:
+        iteration = getattr(self, "_iteration_in_epoch", 0)
+        self.lr_scheduler.step_iteration(self.current_epoch, iteration)
+        self._iteration_in_epoch = iteration + 1
+        return super().train_step(batch)
+
+
+class TrainingBudget(PerIterationSchedule):
     """``budget = (epochs, iterations per epoch, validation iterations)`` replaces nnUNetTrainer's 1000 x 250 (50).
+
+    A budget trains with the per-iteration schedule (:class:`PerIterationSchedule`): over a few epochs nnU-Net's
+    per-epoch steps never anneal.  Trainers at nnU-Net's own 1000 epochs keep nnU-Net's per-epoch steps.
 
     The explicit ``__init__`` signature matters: nnUNetTrainer records its init kwargs (for checkpoints and DDP
     workers) by inspecting ``self.__init__``, so ``*args/**kwargs`` would break it.

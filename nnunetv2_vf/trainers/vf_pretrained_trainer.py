@@ -23,7 +23,8 @@ from nnunetv2_vf.trainers.safeguards import CLASSIFIER_MARK, check_pretrained_co
 from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["VFPretrainedTrainer", "VFPretrainedTrainer_small_2epochs", "VFPretrainedTrainer_small_10epochs",
-           "VFPretrainedTrainer_small_3epochs",
+           "VFPretrainedTrainer_small_3epochs", "VFPretrainedTrainer_small_1x15", "VFPretrainedTrainer_small_2x15",
+           "VFPretrainedTrainer_small_4x15", "VFPretrainedTrainer_small_40x15",
            "VFPretrainedTrainer_100epochs", "check_pretrained_compatibility"]
 
 
@@ -31,7 +32,8 @@ class VFPretrainedTrainer(PCTNetTrainer):
     """PCT-Net fine-tuning from Volume Fusion weights: the plans' PCT-Net architecture (from
     ``nnUNetv2_vf_adapt_plans``) is kept, the learning rate warms up linearly over the first 10 % of the epochs
     (pretrained features are not destroyed by large early updates from a randomly initialised classifier), then
-    decays polynomially (AdamW, lr 1e-3, as PCTNetTrainer)."""
+    decays polynomially (AdamW, lr 1e-3, as PCTNetTrainer).  The budget variants below do both per iteration
+    (:class:`~nnunetv2_vf.trainers.variants.PerIterationSchedule`)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -59,6 +61,31 @@ class VFPretrainedTrainer_small_3epochs(VFPretrainedTrainer_small_10epochs):
     """Shortest benchmark size: 3 epochs x 25 iterations (early convergence is where VF helps most)."""
 
     budget = (3, 25, 5)
+
+
+class VFPretrainedTrainer_small_1x15(VFPretrainedTrainer_small_10epochs):
+    """Head-start study budget (benchmarks/head_start.py): 1 epoch x 15 iterations, annealed within it."""
+
+    budget = (1, 15, 3)
+
+
+class VFPretrainedTrainer_small_2x15(VFPretrainedTrainer_small_10epochs):
+    """Head-start study budget: 2 epochs x 15 iterations (``_small_2epochs`` is the 2 x 4 smoke size)."""
+
+    budget = (2, 15, 3)
+
+
+class VFPretrainedTrainer_small_4x15(VFPretrainedTrainer_small_10epochs):
+    """Head-start study budget: 4 epochs x 15 iterations."""
+
+    budget = (4, 15, 3)
+
+
+class VFPretrainedTrainer_small_40x15(VFPretrainedTrainer_small_10epochs):
+    """Head-start study, converged setting: 40 epochs x 15 iterations, 5 validation batches per epoch (the per-epoch
+    pseudo Dice that shows whether the run has flattened out)."""
+
+    budget = (40, 15, 5)
 
 
 class VFPretrainedTrainer_100epochs(TrainingBudget, VFPretrainedTrainer):
