@@ -91,7 +91,7 @@ def test_printed_commands_are_valid_and_steps_numbered(tmp_path, capsys, flags):
         assert finetune[finetune.index("-pretrained_weights") + 1] == str(out / "vf_pretraining" /
                                                                           "checkpoint_final.pth")
         assert any(c[0] == "nnUNetv2_vf_adapt_plans" for c in commands)
-    suffix = "_2epochs" if "--quick" in flags else "_10epochs"
+    suffix = ("_2epochs" if "--quick" in flags else "_10epochs") + "_seed0"  # seeded arms: same batches
     assert all(c[c.index("-tr") + 1].endswith(suffix) for c in commands if c[0] == "nnUNetv2_train")
 
 
@@ -126,7 +126,8 @@ def test_report_ends_with_the_commands_as_a_recipe(tmp_path, capsys):
     block = recipe[recipe.index("```bash\n") + len("```bash\n"): recipe.rindex("```")]
     commands = [line for line in block.splitlines() if line and not line.startswith("#")]
     assert commands == printed
-    assert "| scratch | `PCTNetTrainer_small_10epochs` | 0.800 | 0.700 | 0.750 | 0.740 |" in report
+    assert "| scratch | `PCTNetTrainer_small_10epochs_seed0` | 0.800 | 0.700 | 0.750 | 0.740 |" in report
+    assert "What this can and cannot show" in report and "docs/evidence.md" in report
     assert "7 cases of fold 0" in report and "25 training cases" in report
 
 
