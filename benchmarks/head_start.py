@@ -66,9 +66,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import (Arm, Study, add_study_arguments, markdown_table, resolve_setting,  # noqa: E402
                     study_environment, validation_split)
-from pretraining_gain import pretext_curve, pretraining_images  # noqa: E402
+from pretraining_gain import ensure_pretraining, pretext_curve  # noqa: E402
 
-from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES  # noqa: E402
 
 # arm: (suffix of the budget trainer, loads -pretrained_weights)
 ARMS = {"scratch": ("", False), "pretrained": ("", True), "pretrained_encoderLr0p1": ("_encoderLr0p1", True),
@@ -180,18 +179,7 @@ def main() -> None:
 
     # 1. pretraining
     t0 = time.time()
-    pretrain_dir = Path(args.pretrained) if args.pretrained else work / "pretrain"
-    if not (pretrain_dir / "checkpoint_final.pth").is_file():
-        if args.pretrained:
-            raise SystemExit(f"--pretrained {pretrain_dir} holds no checkpoint_final.pth")
-        n = pretraining_images(shared, s["pretrain_datasets"], work / "unlabelled", s.get("pretrain_images"))
-        print(f"step 1: VF pretraining on {n} unlabelled images (validation cases left out)", flush=True)
-        resume = ["--continue"] if (pretrain_dir / "config.json").is_file() else []
-        run_nnunet(["nnUNetv2_vf_pretrain", work / "unlabelled", "-o", pretrain_dir, *resume,
-                    "--iterations", s["pretrain_iterations"], "--batch-size", s["pretrain_batch"],
-                    "--patch-size", *s["pretrain_patch"], "--features", *SMALL_FEATURES, "--modality", "MR",
-                    "--device", s["device"], "--num-workers", 0, "--lr-step", s["lr_step"],
-                    "--val-every", s["val_every"]], env, log_file=work / "pretrain.log", echo=False)
+    pretrain_dir = ensure_pretraining(args, s, shared, work, env)
     timings["pretraining_s"] = round(time.time() - t0)
     leaked = leaked_validation_images(pretrain_dir, val_ids)
     if leaked:

@@ -83,6 +83,27 @@ def pretraining_images(shared: Path, datasets: dict, target: Path, limit: int | 
     return n
 
 
+def ensure_pretraining(args, s: dict, shared: Path, work: Path, env: dict) -> Path:
+    """The study's pretraining folder: ``--pretrained`` as given, or ``work/pretrain`` pretrained (or resumed) now on
+    the unlabelled images of ``s["pretrain_datasets"]`` without their validation cases."""
+    from nnunetv2_vf.workflow import run_nnunet
+    pretrain_dir = Path(args.pretrained) if args.pretrained else work / "pretrain"
+    if (pretrain_dir / "checkpoint_final.pth").is_file():
+        return pretrain_dir
+    if args.pretrained:
+        raise SystemExit(f"--pretrained {pretrain_dir} holds no checkpoint_final.pth")
+    n = pretraining_images(shared, s["pretrain_datasets"], work / "unlabelled", s.get("pretrain_images"))
+    print(f"step 1: VF pretraining on {n} unlabelled images (validation cases left out)", flush=True)
+    resume = ["--continue"] if (pretrain_dir / "config.json").is_file() else []  # an interrupted run
+    run_nnunet(["nnUNetv2_vf_pretrain", work / "unlabelled", "-o", pretrain_dir, *resume,
+                "--iterations", s["pretrain_iterations"], "--batch-size", s["pretrain_batch"],
+                "--patch-size", *s["pretrain_patch"], "--features", *s.get("features", SMALL),
+                "--modality", "MR", "--device", s["device"], "--num-workers", s.get("num_workers", 0),
+                "--lr-step", s["lr_step"], "--val-every", s["val_every"]], env, log_file=work / "pretrain.log",
+               echo=False)
+    return pretrain_dir
+
+
 def pretext_curve(pretrain_dir: Path) -> dict:
     """The pretraining's fixed-set fusion Dice and loss per validation point (its own checkpoint log)."""
     import torch
@@ -113,18 +134,7 @@ def main() -> None:
 
     # 1. pretraining
     t0 = time.time()
-    pretrain_dir = Path(args.pretrained) if args.pretrained else work / "pretrain"
-    if not (pretrain_dir / "checkpoint_final.pth").is_file():
-        if args.pretrained:
-            raise SystemExit(f"--pretrained {pretrain_dir} holds no checkpoint_final.pth")
-        n = pretraining_images(shared, s["pretrain_datasets"], work / "unlabelled", s.get("pretrain_images"))
-        print(f"step 1: VF pretraining on {n} unlabelled images (validation cases left out)", flush=True)
-        resume = ["--continue"] if (pretrain_dir / "config.json").is_file() else []  # an interrupted run
-        run_nnunet(["nnUNetv2_vf_pretrain", work / "unlabelled", "-o", pretrain_dir, *resume,
-                    "--iterations", s["pretrain_iterations"], "--batch-size", s["pretrain_batch"],
-                    "--patch-size", *s["pretrain_patch"], "--features", *s["features"], "--modality", "MR",
-                    "--device", s["device"], "--num-workers", s["num_workers"], "--lr-step", s["lr_step"],
-                    "--val-every", s["val_every"]], env, log_file=work / "pretrain.log", echo=False)
+    pretrain_dir = ensure_pretraining(args, s, shared, work, env)
     timings["pretraining_s"] = round(time.time() - t0)
 
     # 2./3. labelled dataset, one fold per budget, adapted plans
