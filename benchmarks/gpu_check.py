@@ -8,7 +8,7 @@ Sections (each one timed, its failure recorded with the exact error, the next on
   speed        training step time and peak GPU memory of PCT-Net vs nnU-Net's PlainConvUNet planned for the left
                atrium and vs the frozen pre-optimisation PCT-Net, same patch and batch, AMP as nnU-Net uses it
                (fp16 autocast + GradScaler), plus the current PCT-Net in bf16, bf16 with activation checkpointing and
-               bf16 + torch.compile (issue 14's GPU targets): ratios, and the achieved fraction of the GPU's dense
+               bf16 + torch.compile (the GPU targets): ratios, and the achieved fraction of the GPU's dense
                bf16 peak (FLOPs counted by torch.utils.flop_counter).
   pretrain     ``nnUNetv2_vf_pretrain`` on CUDA with the default workers: iterations per second and the fraction of
                step time spent waiting for data (goal < 5 %); then ``torchrun --nproc_per_node 1`` (NCCL DDP) trains
