@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from nnunetv2_vf.architectures.pctnet_sizes import SMALL_FEATURES
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "feature_probe.py"
 TINY_FEATURES = [4, 8, 16, 16, 16]  # the smallest widths PCT-Net's heads (4, 8, 16) divide
@@ -155,7 +157,7 @@ def test_wrong_files_are_refused_with_a_clear_message(tmp_path, hippocampus):
     with pytest.raises(ValueError, match="no 'architecture' record"):
         probe.read_checkpoint(no_architecture)
 
-    other = write_checkpoint(tmp_path / "other", features=TINY_FEATURES, weights_features=[8, 16, 32, 64, 128])
+    other = write_checkpoint(tmp_path / "other", features=TINY_FEATURES, weights_features=list(SMALL_FEATURES))
     weights, arch = probe.read_checkpoint(other)
     with pytest.raises(ValueError, match="do not fit the architecture recorded"):
         probe.load_weights(probe.build_network(arch, probe.classifier_classes(weights)), weights, str(other))
