@@ -66,7 +66,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import (Arm, Study, add_study_arguments, markdown_table, resolve_setting,  # noqa: E402
                     study_environment, validation_split)
-from pretraining_gain import ensure_pretraining, pretext_curve  # noqa: E402
+from pretraining_gain import ensure_pretraining, prepare_adapted_dataset, pretext_curve  # noqa: E402
 
 
 # arm: (suffix of the budget trainer, loads -pretrained_weights)
@@ -169,7 +169,6 @@ def main() -> None:
                              f"{sorted(s['budgets'])}")
         s["budgets"] = {b: t for b, t in s["budgets"].items() if b in args.iterations}
 
-    from nnunetv2_vf.workflow import make_subset_dataset, run_nnunet
     shared = Path(args.shared)
     work, env = study_environment(args)
     source = shared / "data" / s["dataset"]
@@ -187,18 +186,8 @@ def main() -> None:
 
     # 2. labelled dataset (one fold), adapted plans
     t0 = time.time()
-    name = f"Dataset{DATASET_ID:03d}_VFHeadStart"
-    pre_dir = Path(env["nnUNet_preprocessed"]) / name
-    if not (pre_dir / f"{PLANS}.json").is_file():
-        print("step 2: nnU-Net dataset, plans adapted to the pretraining, preprocessing", flush=True)
-        make_subset_dataset(source, env["nnUNet_raw"], DATASET_ID, "VFHeadStart", train_ids + val_ids)
-        run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env,
-                   log_file=work / "prepare.log", echo=False)
-        (pre_dir / "splits_final.json").write_text(json.dumps([{"train": train_ids, "val": val_ids}], indent=2))
-        run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", DATASET_ID, "-a", pretrain_dir / "adaptation_plan.json",
-                    "-p", PLANS], env, log_file=work / "prepare.log", echo=False)
-        run_nnunet(["nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"],
-                   env, log_file=work / "prepare.log", echo=False)
+    name = prepare_adapted_dataset(source, env, work, DATASET_ID, "VFHeadStart", train_ids + val_ids,
+                                   [{"train": train_ids, "val": val_ids}], pretrain_dir, PLANS)
     timings["prepare_s"] = round(time.time() - t0)
 
     # 3. one run per budget, seed and arm; all records in one results file (resumable with --keep)

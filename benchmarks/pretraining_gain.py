@@ -104,6 +104,27 @@ def ensure_pretraining(args, s: dict, shared: Path, work: Path, env: dict) -> Pa
     return pretrain_dir
 
 
+def prepare_adapted_dataset(source: Path, env: dict, work: Path, dataset_id: int, suffix: str, case_ids: list,
+                            splits: list, pretrain_dir: Path, plans: str = PLANS) -> str:
+    """The study's nnU-Net dataset (``case_ids`` of ``source``) with ``splits`` as its folds, planned, adapted to the
+    pretraining (``plans``) and preprocessed; skipped when the adapted plans exist. Returns the dataset name."""
+    from nnunetv2_vf.workflow import make_subset_dataset, run_nnunet
+    name = f"Dataset{dataset_id:03d}_{suffix}"
+    pre_dir = Path(env["nnUNet_preprocessed"]) / name
+    if (pre_dir / f"{plans}.json").is_file():
+        return name
+    print("step 2: nnU-Net dataset, plans adapted to the pretraining, preprocessing", flush=True)
+    log = dict(log_file=work / "prepare.log", echo=False)
+    make_subset_dataset(source, env["nnUNet_raw"], dataset_id, suffix, case_ids)
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1"], env, **log)
+    (pre_dir / "splits_final.json").write_text(json.dumps(splits, indent=2))
+    run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", dataset_id, "-a", pretrain_dir / "adaptation_plan.json",
+                "-p", plans], env, **log)
+    run_nnunet(["nnUNetv2_preprocess", "-d", dataset_id, "-plans_name", plans, "-c", "3d_fullres", "-np", "1"],
+               env, **log)
+    return name
+
+
 def pretext_curve(pretrain_dir: Path) -> dict:
     """The pretraining's fixed-set fusion Dice and loss per validation point (its own checkpoint log)."""
     import torch
@@ -124,7 +145,6 @@ def main() -> None:
     args = p.parse_args()
     s = resolve_setting(SETTINGS, args, ("budgets", "seeds", "trainer", "device"))
 
-    from nnunetv2_vf.workflow import make_subset_dataset, run_nnunet
     shared = Path(args.shared)
     work, env = study_environment(args)
     source = shared / "data" / s["dataset"]
@@ -139,19 +159,8 @@ def main() -> None:
 
     # 2./3. labelled dataset, one fold per budget, adapted plans
     t0 = time.time()
-    name = f"Dataset{DATASET_ID:03d}_VFGain"
-    pre_dir = Path(env["nnUNet_preprocessed"]) / name
-    if not (pre_dir / f"{PLANS}.json").is_file():
-        print("step 2: nnU-Net dataset, plans adapted to the pretraining, preprocessing", flush=True)
-        make_subset_dataset(source, env["nnUNet_raw"], DATASET_ID, "VFGain", train_ids + val_ids)
-        run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env,
-                   log_file=work / "prepare.log", echo=False)
-        splits = [{"train": train_ids[:b], "val": val_ids} for b in s["budgets"]]
-        (pre_dir / "splits_final.json").write_text(json.dumps(splits, indent=2))
-        run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", DATASET_ID, "-a", pretrain_dir / "adaptation_plan.json",
-                    "-p", PLANS], env, log_file=work / "prepare.log", echo=False)
-        run_nnunet(["nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"],
-                   env, log_file=work / "prepare.log", echo=False)
+    name = prepare_adapted_dataset(source, env, work, DATASET_ID, "VFGain", train_ids + val_ids,
+                                   [{"train": train_ids[:b], "val": val_ids} for b in s["budgets"]], pretrain_dir)
     timings["prepare_s"] = round(time.time() - t0)
 
     # 4. fine-tuning, seeded and paired
