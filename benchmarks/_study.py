@@ -93,6 +93,7 @@ class Study:
     log_dir: Optional[Path] = None
     results: dict = field(default_factory=dict)
     results_file: Optional[Path] = None
+    budget_unit: str = "labelled"  # what a budget counts, for messages: labelled cases, or "iterations"
 
     def run_dir(self, seed: int, plans: Optional[str] = None) -> Path:
         return (Path(self.env["nnUNet_results"]) / self.dataset_name /
@@ -135,8 +136,8 @@ class Study:
         self.results["runs"].append(record)
         if self.results_file is not None:
             self.results_file.write_text(json.dumps(self.results, indent=1))
-        print(f"{counter} {self.name}: {budget} labelled, seed {seed}, {arm.name:>12s}: Dice {record['dice']:.4f} "
-              f"({record['seconds']:.0f} s)", flush=True)
+        print(f"{counter} {self.name}: {budget} {self.budget_unit}, seed {seed}, {arm.name:>12s}: "
+              f"Dice {record['dice']:.4f} ({record['seconds']:.0f} s)", flush=True)
         return record
 
     # ---- analysis --------------------------------------------------------------------------------------------------

@@ -479,7 +479,9 @@ def markdown_report(result: dict) -> str:
              f"on {len(cases['labelled'])} labelled cases, Dice on {len(cases['validation'])} validation cases.", "",
              f"**Verdict: {effect['verdict']}** (pretrained - random {effect['mean']:+.3f}, 95 % CI "
              f"[{effect['low']:+.3f}, {effect['high']:+.3f}], {effect['n_seeds']} random initialisations x "
-             f"{effect['n_cases']} cases).", "",
+             f"{effect['n_cases']} cases; mean Dice pretrained {effect['treatment_mean']:.3f}, random "
+             f"{effect['control_mean']:.3f}; smallest effect detectable with 80 % power "
+             f"{effect['min_detectable']:.3f}).", "",
              f"pretrained - intensity: {result['pretrained_vs_intensity']['sentence']}.", "",
              "| arm | mean Dice | " + " | ".join(labels) + " | features | seconds |",
              "|---|---|" + "---|" * len(labels) + "---|---|"]

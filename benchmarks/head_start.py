@@ -199,7 +199,8 @@ def main() -> None:
     def study_for(trainer: str) -> Study:
         return Study(name=study_name, dataset_id=DATASET_ID, dataset_name=name, configuration="3d_fullres",
                      plans=PLANS, trainer=trainer, budgets=list(s["budgets"]), seeds=s["seeds"], arms=[],
-                     env=env, device=s["device"], log_dir=work, results=results, results_file=results_path)
+                     env=env, device=s["device"], log_dir=work, results=results, results_file=results_path,
+                     budget_unit="iterations")
 
     t0 = time.time()
     todo = [(b, seed, arm) for b in s["budgets"] for seed in s["seeds"] for arm in s["arms"]]
