@@ -1,5 +1,6 @@
-"""Reading weight files with errors that say what is wrong and what to do (missing, empty, corrupt), and writing
-files atomically (one helper for checkpoints, json, npz, png) with a clear error when the disk is full."""
+"""Reading weight files with errors that say what is wrong and what to do (missing, empty, corrupt), writing files
+atomically (one helper for checkpoints, json, npz, png) with a clear error when the disk is full, the one guard
+against replacing a user's existing files, and the one-writer lock of a run folder."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 
 __all__ = ["read_weights_file", "atomic_write", "save_torch", "remove_stale_tmp_files", "WriteError",
-           "payload_bytes"]
+           "payload_bytes", "refuse_overwrite", "refuse_nnunet_own_plans", "OverwriteRefused", "RunLock",
+           "FolderInUse"]
 
 
 def read_weights_file(path: str | os.PathLike, what: str, missing_fix: str, reread_fix: str,
@@ -166,3 +168,93 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ------------------------------------------------------------------------------------------ existing user files
+NNUNET_OWN_PLANS = "nnUNetPlans"  # nnU-Net's own plans: every configuration and model of the dataset reads them
+
+
+class OverwriteRefused(ValueError):
+    """A command would replace a file it did not create in this call; the message names the files and the fix."""
+
+
+def refuse_overwrite(paths, overwrite: bool, command: str, fix: str) -> None:
+    """The one overwrite guard of every command: raise :class:`OverwriteRefused` if any of ``paths`` exists and
+    ``overwrite`` is False, naming each existing file (absolute) and ``fix``. Call it before writing anything, with
+    every path the command is about to write, so a refusal leaves all of them unchanged."""
+    existing = [os.path.abspath(os.fspath(p)) for p in paths if p is not None and os.path.lexists(os.fspath(p))]
+    if existing and not overwrite:
+        listing = "\n".join(f"  {p}" for p in existing)
+        raise OverwriteRefused(f"{command} would replace {len(existing)} existing file(s), kept unchanged:\n{listing}\n"
+                               f"Fix: {fix}, or pass --overwrite to replace them.")
+
+
+def refuse_nnunet_own_plans(plans_name: str, command: str) -> None:
+    """``-p nnUNetPlans`` would turn nnU-Net's own plans of the dataset into the plugin's: refused outright."""
+    if plans_name == NNUNET_OWN_PLANS:
+        raise OverwriteRefused(f"{command}: -p {NNUNET_OWN_PLANS} names nnU-Net's own plans, which every configuration "
+                               f"and model of the dataset reads; they are never replaced (not even with "
+                               f"--overwrite). Fix: give the new plans their own name, e.g. -p nnUNetPlans_VF, and "
+                               f"train with that -p.")
+
+
+# --------------------------------------------------------------------------------------------------- run locks
+class FolderInUse(ValueError):
+    """Another process holds the folder's run lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/<name>``: one writer per run folder.
+
+    The kernel releases the lock when the holder exits, however it exits (SIGKILL included), so a stale lock file
+    never blocks a ``--continue``; the file only records who holds it (PID, host, start time, command) for the
+    message of a second process. POSIX only (fcntl); elsewhere the lock is a no-op.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = ".run.lock", command: str = "this folder's run"):
+        self.path = os.path.join(os.path.abspath(os.fspath(folder)), name)
+        self.command = command
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return self
+        import socket
+        import sys
+        import time
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not said who it is"
+            os.close(fd)
+            raise FolderInUse(f"{os.path.dirname(self.path)} is in use by another {self.command}: {holder}. A run "
+                              f"folder has one writer, so this process stops and writes nothing. Fix: wait for "
+                              f"that run to end (or stop it), then resume with --continue; or give another -o "
+                              f"folder.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"PID {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {' '.join(sys.argv)}\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +42,58 @@ VF_PLANS = "nnUNetPlans_VF"
 # 40 x 64 x 48; the adapted plans fine-tune on it too.
 PRETRAIN_PATCH = (32, 48, 32)
 FOLD_NOTE = "fold 0 of nnU-Net's 5-fold split: trains on 25 of the 32 training cases, validates on 7"
-# Rough seconds per step on a quiet 2-core CPU, (--quick, default); the demo prints the real time of each step and
-# report.md records them.  Default: pretraining, training and prediction from the README's two measured full runs
-# (150 pretraining iterations about 175 s, a 10 x 15-iteration training about 200-220 s, prediction about 30 s).
-# --quick: the same per-iteration cost for 20 pretraining and 2 x 4 training iterations plus the fixed costs
-# (start-up, final validation, prediction), about 4 min in all, as measured earlier on a quiet machine (4.5 min with
-# set-up).  On a busy machine it takes longer: 13.7 and 11.4 min with load average 6-14 (2026-11-26).
-ESTIMATE_S = {"copy": (1, 1), "plan": (25, 25), "pretrain": (35, 175), "adapt": (10, 10), "train": (45, 205),
-              "predict": (30, 30), "evaluate": (10, 10)}
+# Seconds per step kind on a quiet 2-core CPU, measured by benchmarks/demo_step_times.py (which rewrites the file);
+# every demo run writes its own measured times to OUTPUT/timings.json in the same shape.
+STEP_TIMES = Path(__file__).resolve().parent / "demo_data" / "step_times.json"
+SLOW_FACTOR = 1.5  # a step running past 1.5x its estimate (+ 30 s) is reported as slower than estimated
+SLOW_MARGIN_S = 30
+
+
+def step_time_estimates(path: Path = STEP_TIMES) -> dict[str, dict[str, float]]:
+    """{"quick": {step kind: seconds}, "default": {...}} from the step-time table."""
+    table = json.loads(Path(path).read_text())
+    return {mode: {k: float(v) for k, v in table[mode].items()} for mode in ("quick", "default")}
+
+
+def slower_than_estimated(title: str, elapsed_s: float, estimate_s: float, finished: bool) -> str | None:
+    """The line that tells the user a step runs slower than its estimate, or None while it is within it."""
+    if elapsed_s <= SLOW_FACTOR * estimate_s + SLOW_MARGIN_S:
+        return None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    state = "took" if finished else "has run for"
+    return (f"[slower than estimated: {title} {state} {_minutes(elapsed_s)}, {elapsed_s / max(estimate_s, 1):.1f}x "
+            f"the {_minutes(estimate_s)} measured on a quiet 2-core CPU; load average {load:.1f} on "
+            f"{os.cpu_count()} CPUs{'' if finished else '. It is still running'}]")
+
+
+class SlowStepWatch:
+    """Prints :func:`slower_than_estimated` once while a step runs past its estimate (a daemon thread), so a busy
+    machine gets a message instead of silence between progress lines."""
+
+    def __init__(self, title: str, estimate_s: float, poll_s: float = 5.0):
+        self.title, self.estimate_s, self.poll_s = title, estimate_s, poll_s
+        self.started = time.time()
+        self.reported = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "SlowStepWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            line = slower_than_estimated(self.title, time.time() - self.started, self.estimate_s, finished=False)
+            if line:
+                print(line, flush=True)
+                self.reported = True
+                return
+
+
 NNUNET_LISTING_START = "Below is the list of overlapping blocks in pretrained model and nnUNet architecture"
 NNUNET_LISTING_END = "################### Done ###################"
 
@@ -133,7 +179,7 @@ class ConsoleFilter:
 
 @dataclass
 class Step:
-    key: str  # ESTIMATE_S key
+    key: str  # step kind: its key in the step-time table
     title: str
     commands: list[list] = field(default_factory=list)
     action: Callable[[], None] | None = None  # Python work: before the commands if it has ``shell``, else after
@@ -151,6 +197,8 @@ class Demo:
         self.recipe: list[str] = []
         self.timings: list[tuple[str, float]] = []
         self.seen_warnings: set[str] = set()
+        self.estimates = step_time_estimates()["quick" if self.quick else "default"]
+        self.step_seconds: list[tuple[str, float]] = []  # (step kind, measured seconds), for timings.json
         self.runs = self._runs()
         self.steps = self._steps()
 
@@ -222,7 +270,7 @@ class Demo:
         return steps
 
     def estimate_s(self, step: Step) -> float:
-        return ESTIMATE_S[step.key][0 if self.quick else 1]
+        return self.estimates[step.key]
 
     # ------------------------------------------------------------------------------------------------ printing
     def print_environment(self) -> None:
@@ -244,8 +292,12 @@ class Demo:
     def run(self) -> None:
         total = sum(self.estimate_s(s) for s in self.steps)
         print(f"nnunetv2-vf demo{' (--quick)' if self.quick else ''}: {len(self.steps)} steps, about "
-              f"{_minutes(total)} on a quiet 2-core CPU (estimated from measured runs; a GPU is faster).\n"
+              f"{_minutes(total)} on a quiet 2-core CPU (measured, {STEP_TIMES.name}; a GPU is faster).\n"
               f"Output folder: {self.out}", flush=True)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > (os.cpu_count() or 1):
+            print(f"The machine is busy (load average {load:.1f} on {os.cpu_count()} CPUs): expect the steps to "
+                  f"take longer than estimated.", flush=True)
         self.print_environment()
         started = time.time()
         for i, step in enumerate(self.steps, 1):
@@ -262,17 +314,22 @@ class Demo:
             t = time.time()
             log_file = self.out / "logs" / f"step{i:02d}_{step.key}.log"
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            if step.action is not None and step.shell:  # Python work that replaces a shell command
-                step.action()
-            for command in step.commands:
-                console = ConsoleFilter(self.args.verbose, log_file, seen_warnings=self.seen_warnings)
-                run_nnunet(command, self.env, log_file=log_file, echo=console,
-                           on_start=self.announce)
-            if step.action is not None and not step.shell:  # Python work on the commands' results
-                step.action()
-            self.timings.append((f"{i}. {step.title}", time.time() - t))
-            print(f"[step {i}/{len(self.steps)} done in {_minutes(time.time() - t)}; "
-                  f"{_minutes(time.time() - started)} so far]", flush=True)
+            with SlowStepWatch(f"step {i}", self.estimate_s(step)):
+                if step.action is not None and step.shell:  # Python work that replaces a shell command
+                    step.action()
+                for command in step.commands:
+                    console = ConsoleFilter(self.args.verbose, log_file, seen_warnings=self.seen_warnings)
+                    run_nnunet(command, self.env, log_file=log_file, echo=console,
+                               on_start=self.announce)
+                if step.action is not None and not step.shell:  # Python work on the commands' results
+                    step.action()
+            seconds = time.time() - t
+            self.timings.append((f"{i}. {step.title}", seconds))
+            self.step_seconds.append((step.key, seconds))
+            self._write_timings(started)
+            slow = slower_than_estimated(f"step {i}", seconds, self.estimate_s(step), finished=True)
+            print(f"[step {i}/{len(self.steps)} done in {_minutes(seconds)}; "
+                  f"{_minutes(time.time() - started)} so far]" + (f"\n{slow}" if slow else ""), flush=True)
         if self.args.dry_run:
             print("\n(--dry-run: nothing was run)")
             return
@@ -280,6 +337,19 @@ class Demo:
         (self.out / "report.md").write_text(report)
         print("\n" + report)
         print(f"report written to {self.out / 'report.md'}")
+
+    def _write_timings(self, started: float) -> None:
+        """OUTPUT/timings.json: this run's measured seconds per step kind, in the step-time table's shape (what
+        benchmarks/demo_step_times.py reads)."""
+        per_kind: dict[str, float] = {}
+        for kind, seconds in self.step_seconds:
+            per_kind.setdefault(kind, []).append(seconds)
+        record = {"mode": "quick" if self.quick else "default", "device": self.args.device,
+                  "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg")
+                  else None, "elapsed_s": round(time.time() - started, 1),
+                  "seconds": {k: round(float(np.mean(v)), 1) for k, v in per_kind.items()},
+                  "steps": [[k, round(s, 1)] for k, s in self.step_seconds]}
+        (self.out / "timings.json").write_text(json.dumps(record, indent=1))
 
     def _copy_dataset(self) -> None:
         shutil.copytree(DEMO_DATA, self.raw)
@@ -391,7 +461,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing output folder of an earlier demo first (without it, the demo "
                              "stops rather than touch an existing folder)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where pretraining and nnU-Net training run (default: %(default)s; the time estimates "
+                             "are for a 2-core CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the accuracy")
     parser.add_argument("--no-pretraining", action="store_true", help="only train PCT-Net from scratch")
     parser.add_argument("--verbose", action="store_true",

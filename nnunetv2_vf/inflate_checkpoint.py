@@ -69,13 +69,14 @@ def build_3d_network(plans: dict, dataset_json: dict, configuration: str = "3d_f
 
 
 def inflate_checkpoint(checkpoint_2d: str | os.PathLike, plans: dict, dataset_json: dict, output: str | os.PathLike,
-                       configuration: str = "3d_fullres", trainer: str | type = "EncoderUNet3DTrainer") -> dict:
+                       configuration: str = "3d_fullres", trainer: str | type = "EncoderUNet3DTrainer",
+                       overwrite: bool = False) -> dict:
     """Inflate ``checkpoint_2d`` into the 3D network of ``plans``/``configuration`` and write ``output``.
 
     Returns a summary dict (loaded tensors, network class, encoder, inflation).  Raises ValueError (readable, with
     the fix) when the 2D checkpoint does not fit.
     """
-    from nnunetv2_vf.checkpoint_io import save_torch
+    from nnunetv2_vf.checkpoint_io import refuse_overwrite, save_torch
     from nnunetv2_vf.trainers.cross_dimensional import inflate_2d_checkpoint, load_2d_checkpoint_file
     from nnunetv2_vf.trainers.vf_pretrained_trainer import check_pretrained_compatibility
 
@@ -83,6 +84,7 @@ def inflate_checkpoint(checkpoint_2d: str | os.PathLike, plans: dict, dataset_js
     checkpoint_2d, output = os.fspath(checkpoint_2d), os.fspath(output)
     if os.path.abspath(checkpoint_2d) == os.path.abspath(output):
         raise ValueError(f"-o {output} is the 2D checkpoint itself: write the 3D weights to another file.")
+    refuse_overwrite([output], overwrite, "nnUNetv2_vf_inflate_checkpoint", "give another -o")
     ckpt = load_2d_checkpoint_file(checkpoint_2d)
     net3d = build_3d_network(plans, dataset_json, configuration, cls)
     loaded = inflate_2d_checkpoint(net3d, ckpt, checkpoint_2d, plans.get("dataset_name"), configuration)
@@ -120,6 +122,7 @@ def main(argv=None) -> None:
     p.add_argument("-o", required=True, help="output file, e.g. inflated.pth")
     p.add_argument("-tr", default="EncoderUNet3DTrainer",
                    help="trainer of the 3D training (an EncoderUNet3DTrainer class; default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     args = p.parse_args(argv)
     try:
         from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -137,11 +140,12 @@ def main(argv=None) -> None:
                              f"-d {args.d} -c {args.c} --network EncoderUNet3D --encoder E -p {args.p} (give the -p "
                              f"you will train with).")
         summary = inflate_checkpoint(args.checkpoint, load_json(str(plans_file)),
-                                     load_json(str(folder / "dataset.json")), args.o, args.c, args.tr)
+                                     load_json(str(folder / "dataset.json")), args.o, args.c, args.tr,
+                                     args.overwrite)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nnUNetv2_vf_inflate_checkpoint: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{args.o}: {summary['loaded_tensors']} tensors of {summary['network_class_name'].rsplit('.', 1)[-1]} "
+    print(f"wrote {os.path.abspath(args.o)}: {summary['loaded_tensors']} tensors of {summary['network_class_name'].rsplit('.', 1)[-1]} "
           f"({summary['configuration']}, encoder {summary['encoder_name']}, norm {summary['norm']}) initialised by "
           f"{summary['inflation']} inflation of {args.checkpoint}; nnU-Net's -pretrained_weights loader takes "
           f"{summary['loadable_by_nnunet']} of them (all but the final classifiers .seg_layers.).\n"

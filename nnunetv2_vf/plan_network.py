@@ -140,6 +140,7 @@ def plan_network(dataset: str, configuration: str, network: str, plans_name: str
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    from nnunetv2_vf.checkpoint_io import refuse_nnunet_own_plans, refuse_overwrite
     nnUNet_preprocessed = preprocessed_dir or nnUNet_preprocessed
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", plans_name) or "__" in plans_name:
@@ -159,9 +160,9 @@ def plan_network(dataset: str, configuration: str, network: str, plans_name: str
                                                                                "splits_final"))
         raise ValueError(f"source plans {source_file} not found (plans there: {have or 'none'}): run "
                          f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first, or give -source.")
-    if target.exists() and not overwrite:
-        raise ValueError(f"{target} exists: choose another -p, or pass --overwrite to replace it (a model trained "
-                         f"with these plans keeps its own copy in its results folder).")
+    refuse_nnunet_own_plans(plans_name, "nnUNetv2_vf_plan_network")
+    refuse_overwrite([target], overwrite, "nnUNetv2_vf_plan_network",
+                     "choose another -p (a model trained with these plans keeps its own copy in its results folder)")
     plans = json.loads(source_file.read_text())
     new = network_plans(plans, configuration, network, plans_name, **options)
     check_buildable(new, configuration, json.loads((folder / "dataset.json").read_text()))

@@ -91,3 +91,25 @@ def test_head_start_study_help_and_analysis():
     for trainer in {t for setting in head_start.SETTINGS.values() for t in setting["budgets"].values()}:
         for suffix, _ in head_start.ARMS.values():  # every budget trainer and recipe exists, seeded
             assert hasattr(seeded, f"{trainer}{suffix}_seed4"), f"{trainer}{suffix}_seed4"
+
+
+def test_demo_step_times_reads_finished_demos_into_the_table_shape(tmp_path):
+    """benchmarks/demo_step_times.py turns the timings.json of finished demo runs into the table the demo reads."""
+    from nnunetv2_vf import demo
+    folders = []
+    for mode, scale in (("quick", 1.0), ("default", 3.0)):
+        folder = tmp_path / mode
+        folder.mkdir()
+        seconds = {k: round(v * scale, 1) for k, v in demo.step_time_estimates()["quick"].items()}
+        (folder / "timings.json").write_text(json.dumps({"mode": mode, "seconds": seconds,
+                                                          "steps": [[k, v] for k, v in seconds.items()]}))
+        folders.append(folder)
+    out = tmp_path / "result.json"
+    _run(["benchmarks/demo_step_times.py", "--from-output", *folders, "--results", out, "--no-write-table"])
+    result = json.loads(out.read_text())
+    assert result["default"] == {k: round(v * 3.0, 1) for k, v in demo.step_time_estimates()["quick"].items()}
+    assert set(result) >= {"quick", "default", "source", "runs"}
+    swapped = subprocess.run([sys.executable, "benchmarks/demo_step_times.py", "--from-output", str(folders[1]),
+                              str(folders[0]), "--results", str(out), "--no-write-table"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert swapped.returncode != 0 and "expected quick" in swapped.stderr

@@ -165,3 +165,35 @@ def test_console_shows_a_repeated_warning_once(tmp_path):
     assert [first(line) for line in [*warning, "Epoch 0\n"]] == [*warning, "Epoch 0\n"]
     second = demo.ConsoleFilter(False, tmp_path / "b.log", seen_warnings=seen)  # the next command
     assert [second(line) for line in [*warning, "Epoch 0\n"]] == [None, None, "Epoch 0\n"]
+
+
+def test_estimates_come_from_the_step_time_table(tmp_path, monkeypatch):
+    """The demo's printed estimates are the table that benchmarks/demo_step_times.py regenerates, not constants."""
+    import json
+    table = json.loads(demo.STEP_TIMES.read_text())
+    assert set(table["default"]) == set(table["quick"]) >= {"plan", "pretrain", "train", "predict"}
+    table["default"] = {k: 60.0 for k in table["default"]}
+    alt = tmp_path / "step_times.json"
+    alt.write_text(json.dumps(table))
+    monkeypatch.setattr(demo, "STEP_TIMES", alt)
+    monkeypatch.setattr(demo.step_time_estimates, "__defaults__", (alt,))
+    args = argparse.Namespace(output=str(tmp_path / "d"), dry_run=True, quick=False, no_pretraining=False,
+                              device="cpu", verbose=False)
+    d = demo.Demo(args)
+    assert [d.estimate_s(s) for s in d.steps] == [60.0] * len(d.steps)
+
+
+def test_a_step_slower_than_its_estimate_says_so_while_it_runs(capsys, monkeypatch):
+    import time
+    assert demo.slower_than_estimated("step 3", 100, 100, finished=True) is None
+    line = demo.slower_than_estimated("step 3", 684, 174, finished=True)
+    assert "slower than estimated: step 3 took 11.4 min, 3.9x the 2.9 min" in line and "load average" in line
+    monkeypatch.setattr(demo, "SLOW_MARGIN_S", 0)
+    with demo.SlowStepWatch("step 2", estimate_s=0.05, poll_s=0.02) as watch:
+        time.sleep(0.5)
+    out = capsys.readouterr().out
+    assert watch.reported and out.count("slower than estimated: step 2 has run for") == 1, out
+    assert "still running" in out
+    with demo.SlowStepWatch("step 4", estimate_s=60, poll_s=0.02) as watch:  # within the estimate: silent
+        time.sleep(0.1)
+    assert not watch.reported and capsys.readouterr().out == ""

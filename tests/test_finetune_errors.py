@@ -104,6 +104,37 @@ def test_each_bad_file_is_named_with_problem_and_fix(tmp_path, case):
     assert isinstance(e.value, ValueError)  # existing callers catch ValueError
 
 
+def test_channel_mismatch_names_the_adapted_file_and_the_plans_recorded_for_it(tmp_path):
+    """Where nnUNetv2_vf_adapt_plans recorded what to use, the mismatch error names it: the ``_<C>ch.pth`` file the
+    run's plans were adapted for, or the ``-p`` that was adapted for the given file."""
+    import json
+    folder = tmp_path / "nnUNet_preprocessed" / DATASET
+    folder.mkdir(parents=True)
+    single = tmp_path / "vf_run" / "checkpoint_final.pth"
+    single.parent.mkdir()
+    torch.save({"network_weights": _pctnet().state_dict()}, single)  # 1-channel stem
+    two = single.with_name("checkpoint_final_2ch.pth")
+    (folder / "nnUNetPlans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    (folder / "nnUNetPlans_VF.json").write_text(json.dumps({"plans_name": "nnUNetPlans_VF", "pretrain_info": {
+        "pretrained_weights": str(single), "input_channel_adaptation": {"channels": 2, "weights": str(two)}}}))
+    net = PCTNet(2, 3, features_per_stage=SMALL)
+    adapted = RunContext(DATASET, "3d_fullres", 0, "VFPretrainedTrainer", "nnUNetPlans_VF", str(folder))
+    with pytest.raises(PretrainedWeightsError) as e:
+        check_pretrained_compatibility(net, single, adapted)
+    msg = str(e.value)
+    assert "shape mismatch: stem" in msg and f"were adapted (nnUNetv2_vf_adapt_plans) for {two}" in msg, msg
+    assert f"-p nnUNetPlans_VF -pretrained_weights {two}" in msg, msg
+    base = RunContext(DATASET, "3d_fullres", 0, "VFPretrainedTrainer", "nnUNetPlans", str(folder))
+    with pytest.raises(PretrainedWeightsError) as e:
+        check_pretrained_compatibility(net, single, base)
+    msg = str(e.value)
+    assert f"{single} was adapted for the plans nnUNetPlans_VF" in msg, msg
+    assert f"-p nnUNetPlans_VF -pretrained_weights {two}" in msg and "-plans_name nnUNetPlans_VF" in msg, msg
+    with pytest.raises(PretrainedWeightsError) as e:  # no plans folder known: the general advice
+        check_pretrained_compatibility(net, single, RUN)
+    assert "train with the plans and trainer the weights were made for" in str(e.value)
+
+
 def test_good_file_and_classifiers_of_other_class_count_pass(tmp_path):
     """nnU-Net's rule: every tensor but the .seg_layers. classifiers must fit; extra checkpoint keys are ignored."""
     pretrained = PCTNet(1, 5, features_per_stage=SMALL)  # 5 classes: only the classifiers differ

@@ -383,6 +383,7 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
     assert f"train with -pretrained_weights {converted}" in capsys.readouterr().out
     plans = json.loads((folder / "nnUNetPlans_VF.json").read_text())
     assert plans["pretrain_info"]["input_channel_adaptation"]["weights"] == str(converted.resolve())
+    assert plans["pretrain_info"]["pretrained_weights"] == str((pretrain / "checkpoint_final.pth").resolve())
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"] * 2
     adapted = PCTNet(2, 5, features_per_stage=SMALL).eval()
     adapted.load_state_dict(torch.load(converted, weights_only=True)["network_weights"])  # same shapes everywhere
@@ -394,10 +395,11 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
     # the weights are required: without them the dataset cannot use the pretraining
     (pretrain / "checkpoint_final.pth").rename(pretrain / "elsewhere.pth")
     with pytest.raises(SystemExit) as e:
-        adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json")])
+        adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json"),
+                          "--overwrite"])
     assert "2-channel stem" in e.value.code and "with -w" in e.value.code
     adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json"), "-w",
-                      str(pretrain / "elsewhere.pth")])
+                      str(pretrain / "elsewhere.pth"), "--overwrite"])
     assert (pretrain / "elsewhere_2ch.pth").is_file()
 
 

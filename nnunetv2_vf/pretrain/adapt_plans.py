@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from nnunetv2_vf.architectures.pctnet import (PAPER_FEATURES, TABLE_LAYOUT_FIX, check_table_layout,
                                               table_layout_record)
-from nnunetv2_vf.checkpoint_io import atomic_write, save_torch
+from nnunetv2_vf.checkpoint_io import atomic_write, refuse_nnunet_own_plans, refuse_overwrite, save_torch
 from nnunetv2_vf.plans import effective_configuration
 from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan
 from nnunetv2_vf.pretrain.dataset import CT_WINDOW, Preprocessing
@@ -108,9 +108,17 @@ def repeat_stem_over_channels(weights: dict, keys_to_in_proj, channels: int) -> 
     return out
 
 
-def write_multichannel_weights(weights_file: str | os.PathLike, plan: AdaptationPlan, channels: int) -> Path:
+def multichannel_weights_file(weights_file: str | os.PathLike, channels: int) -> Path:
+    """Where :func:`write_multichannel_weights` writes: ``<weights>_<C>ch.pth`` next to ``weights_file``."""
+    weights_file = Path(weights_file)
+    return weights_file.with_name(f"{weights_file.stem}_{channels}ch.pth")
+
+
+def write_multichannel_weights(weights_file: str | os.PathLike, plan: AdaptationPlan, channels: int,
+                               overwrite: bool = False) -> Path:
     """Write ``<weights>_<C>ch.pth`` next to ``weights_file`` (an nnU-Net ``-pretrained_weights`` file with a
-    single-channel stem) with the stem for ``channels`` inputs; returns its path."""
+    single-channel stem) with the stem for ``channels`` inputs; returns its path. An existing file with the same
+    tensors is kept as it is; one with other tensors is replaced only with ``overwrite``."""
     from nnunetv2_vf.checkpoint_io import read_weights_file
     weights_file = Path(weights_file)
     ckpt = read_weights_file(weights_file, "pretrained weights",
@@ -123,11 +131,26 @@ def write_multichannel_weights(weights_file: str | os.PathLike, plan: Adaptation
     check_table_layout(ckpt, f"pretrained weights {weights_file}",
                        f"{TABLE_LAYOUT_FIX}, then run nnUNetv2_vf_adapt_plans with the new adaptation_plan.json")
     weights = repeat_stem_over_channels(ckpt["network_weights"], plan.keys_to_in_proj, channels)
-    target = weights_file.with_name(f"{weights_file.stem}_{channels}ch.pth")
+    target = multichannel_weights_file(weights_file, channels)
+    if target.exists() and not overwrite and _same_weights(target, weights):
+        return target  # written by an earlier adaptation of the same weights: nothing to change
+    refuse_overwrite([target], overwrite, "nnUNetv2_vf_adapt_plans",
+                     f"the existing {target.name} holds other weights than {weights_file.name} with a {channels}-channel "
+                     f"stem; move it away")
     save_torch({**{k: v for k, v in ckpt.items() if k in ("trainer_name", "architecture")},
                 "network_weights": weights, "input_channel_adaptation": INPUT_CHANNEL_RULE,
                 **table_layout_record(weights)}, target, "converted weights")
     return target
+
+
+def _same_weights(path: Path, weights: dict) -> bool:
+    """Whether the weights file ``path`` holds exactly ``weights`` (False for anything unreadable)."""
+    import torch
+    try:
+        existing = torch.load(path, map_location="cpu", weights_only=True)["network_weights"]
+    except Exception:  # noqa: BLE001 - a file we cannot read is not the same file
+        return False
+    return existing.keys() == weights.keys() and all(torch.equal(existing[k], weights[k]) for k in weights)
 
 
 def default_weights_file(adaptation_plan: str | os.PathLike, plan: AdaptationPlan) -> Path:
@@ -140,11 +163,15 @@ def default_weights_file(adaptation_plan: str | os.PathLike, plan: AdaptationPla
 
 def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configuration: str = "3d_fullres",
                 source_plans: str = "nnUNetPlans", plans_name: str = "nnUNetPlans_VF",
-                keep_patch_size: bool = False, weights_file: Optional[str | os.PathLike] = None
-                ) -> tuple[Path, Optional[Path]]:
+                keep_patch_size: bool = False, weights_file: Optional[str | os.PathLike] = None,
+                overwrite: bool = False) -> tuple[Path, Optional[Path]]:
     """Write ``nnUNet_preprocessed/DatasetXXX/<plans_name>.json``; for a dataset with more input channels than the
     single-channel pretraining also the pretrained weights with a C-channel stem (:func:`write_multichannel_weights`,
     from ``weights_file``, default :func:`default_weights_file`). Returns (plans path, converted weights or None)."""
+    refuse_nnunet_own_plans(plans_name, "nnUNetv2_vf_adapt_plans")
+    if plans_name == source_plans:
+        raise ValueError(f"nnUNetv2_vf_adapt_plans: -p {plans_name} is also the plans adapted from (-sp): give the new "
+                         f"plans their own name, e.g. -p {source_plans}_VF")
     plan = load_adaptation_plan(adaptation_plan)  # the plan first: its problems do not depend on the dataset
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.file_path_utilities import maybe_convert_to_dataset_name
@@ -160,18 +187,24 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     dataset_json = json.loads((folder / "dataset.json").read_text())
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
     new = adapted_plans(plans, plan, configuration, plans_name, keep_patch_size, channels)
+    target = folder / f"{plans_name}.json"
+    refuse_overwrite([target], overwrite, "nnUNetv2_vf_adapt_plans",
+                     f"choose another -p for these plans (models trained with -p {plans_name} read the existing file)")
     converted = None
+    if weights_file or default_weights_file(adaptation_plan, plan).is_file():
+        # the file -pretrained_weights should name: the fine-tuning safeguards quote it when another one is given
+        new["pretrain_info"]["pretrained_weights"] = str(
+            Path(weights_file or default_weights_file(adaptation_plan, plan)).resolve())
     if channels != plan.pretrain_num_input_channels:
         source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
         if not source_weights.is_file():
             raise FileNotFoundError(f"the dataset has {channels} input channels, so the pretrained weights get a "
                                     f"{channels}-channel stem, but {source_weights} does not exist: give the "
                                     f"pretraining's checkpoint_final.pth (or the converted MIS-FM file) with -w")
-        converted = write_multichannel_weights(source_weights, plan, channels)
+        converted = write_multichannel_weights(source_weights, plan, channels, overwrite)
         new["pretrain_info"]["input_channel_adaptation"] = {"rule": INPUT_CHANNEL_RULE, "channels": channels,
                                                             "source_weights": str(source_weights.resolve()),
                                                             "weights": str(converted.resolve())}
-    target = folder / f"{plans_name}.json"
     atomic_write(target, lambda f: f.write(json.dumps(new, indent=2).encode()), "plans")
     return target, converted
 
@@ -188,9 +221,16 @@ MISFM_ADAPTATION_PLAN = {
 
 
 def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
-                             features: Sequence[int] = PAPER_FEATURES, resolution_mode: int = 1) -> dict:
-    """MIS-FM ``pctnet_ct10k_volf.pt`` -> ``{'network_weights': ...}`` (weights-only loadable) + adaptation plan.
-    Returns the plan's dict form, with ``written_to`` (the plan file)."""
+                             features: Sequence[int] = PAPER_FEATURES, resolution_mode: int = 1,
+                             overwrite: bool = False) -> dict:
+    """MIS-FM ``pctnet_ct10k_volf.pt`` -> ``{'network_weights': ...}`` (weights-only loadable) + the adaptation plan
+    ``adaptation_plan.json`` beside it (the name nnUNetv2_vf_adapt_plans and the loaders read). Existing files are
+    replaced only with ``overwrite``. Returns the plan's dict form, with ``written_to`` (the plan file)."""
+    target = Path(target)
+    plan_file = target.parent / "adaptation_plan.json"
+    refuse_overwrite([target, plan_file], overwrite, "nnUNetv2_vf_convert_misfm",
+                     "give an output file in a new folder (the converted weights and their adaptation_plan.json "
+                     "belong together)")
     from nnunetv2_vf.architectures.pctnet import PCTNet, fit_patch_size, load_misfm_weights, pctnet_strides
     from nnunetv2_vf.architectures.pctnet import _load_checkpoint_file
     state = _load_checkpoint_file(source)
@@ -204,7 +244,6 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
         raise ValueError(f"{source}: {e}\n(give --features / --resolution-mode of the checkpoint; the published "
                          f"pctnet_ct10k_volf.pt uses {' '.join(map(str, PAPER_FEATURES))} and resolution mode 1)"
                          ) from e
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     # the authors' tables are read as they are (load_misfm_weights places shrunken ones at the centre): this layout
@@ -218,9 +257,5 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
          "_kw_requires_import": []},
         pretrain_num_input_channels=in_channels, patch_size=patch, recommended_downstream_patchsize=list(patch),
         weights_file=target.name, **copy.deepcopy(MISFM_ADAPTATION_PLAN))
-    # never overwrite the plan of a pretraining run that lives in the same folder
-    plan_file = target.parent / "adaptation_plan.json"
-    if plan_file.exists():
-        plan_file = target.parent / f"{target.stem}.adaptation_plan.json"
     plan.save(plan_file)
-    return {**plan.to_dict(), "written_to": str(plan_file)}
+    return {**plan.to_dict(), "written_to": str(plan_file.resolve())}

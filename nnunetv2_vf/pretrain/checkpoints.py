@@ -20,6 +20,7 @@ __all__ = ["CheckpointStore", "RUN_MARKERS", "RUN_FILES", "rng_state", "set_rng_
 # a folder with one of these holds a run (training_log.txt alone: a start that was killed before it wrote anything)
 RUN_MARKERS = ("config.json", "checkpoint_latest.pth", "checkpoint_final.pth")
 # what --overwrite deletes (the preprocessed cache stays: it only depends on the files and the preprocessing)
+RUN_LOCK = ".nnunetv2_vf_pretrain.lock"  # held by the run's writer (RunLock); never deleted, not a run marker
 RUN_FILES = RUN_MARKERS + ("adaptation_plan.json", "validation_set.npz", "progress.png", "training_log.txt")
 
 

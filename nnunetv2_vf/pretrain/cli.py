@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES
 
@@ -165,13 +167,16 @@ def adapt_plans_main(argv=None) -> None:
                    help="for a dataset with several input channels: the pretrained weights whose single-channel "
                         "stem is repeated over the channels (written as NAME_<C>ch.pth next to them); if omitted: "
                         "the weights the adaptation plan names (its weights_file, next to it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plans file of this -p (and a NAME_<C>ch.pth holding other weights); "
+                        "-p nnUNetPlans, nnU-Net's own plans, is refused even then")
     a = p.parse_args(argv)
     from nnunetv2_vf.pretrain.adapt_plans import adapt_plans  # after -h: imports nnU-Net and torch
     out, weights = adapt_plans(a.dataset, a.adaptation_plan, a.configuration, a.source_plans, a.plans_name,
-                               a.keep_patch_size, a.pretrained_weights)
-    print(f"wrote {out}")
+                               a.keep_patch_size, a.pretrained_weights, a.overwrite)
+    print(f"wrote {Path(out).resolve()}")
     if weights is not None:
-        print(f"wrote {weights} (the pretrained weights with the stem repeated over the dataset's input channels "
+        print(f"wrote {Path(weights).resolve()} (the pretrained weights with the stem repeated over the dataset's input channels "
               f"and scaled by 1/C): train with -pretrained_weights {weights}")
     print(f"next: nnUNetv2_preprocess -d {a.dataset} -plans_name {a.plans_name} -c {a.configuration}")
 
@@ -191,10 +196,13 @@ def convert_misfm_main(argv=None) -> None:
                    help="PCT-Net channels per level of the checkpoint (the paper's)")
     p.add_argument("--resolution-mode", type=int, choices=[0, 1, 2], default=1,
                    help="PCT-Net resolution mode of the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file and the adaptation_plan.json beside it")
     a = p.parse_args(argv)
     from nnunetv2_vf.pretrain.adapt_plans import convert_misfm_checkpoint
-    convert_misfm_checkpoint(a.input, a.output, a.features, a.resolution_mode)
-    print(f"wrote {a.output}")
+    plan = convert_misfm_checkpoint(a.input, a.output, a.features, a.resolution_mode, a.overwrite)
+    print(f"wrote {os.path.abspath(a.output)} (the converted weights: -pretrained_weights)")
+    print(f"wrote {plan['written_to']} (its adaptation plan: nnUNetv2_vf_adapt_plans -a)")
 
 
 if __name__ == "__main__":

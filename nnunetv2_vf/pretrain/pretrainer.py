@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from nnunetv2_vf.architectures.pctnet import PAPER_FEATURES
-from nnunetv2_vf.checkpoint_io import atomic_write
+from nnunetv2_vf.checkpoint_io import RunLock, atomic_write
 from nnunetv2_vf.pretrain.adaptation_plan import FORMAT as ADAPTATION_PLAN_FORMAT, AdaptationPlan, network_keys
-from nnunetv2_vf.pretrain.checkpoints import RUN_FILES, CheckpointStore, plain, rng_state, set_rng_state
+from nnunetv2_vf.pretrain.checkpoints import RUN_FILES, RUN_LOCK, CheckpointStore, plain, rng_state, set_rng_state
 from nnunetv2_vf.pretrain.config import (FUSION_SETTINGS, RESUMABLE_SETTINGS, PretrainConfig, check_config,
                                          check_fusion_options, fusion_parameters, input_manifest, new_run_config,
                                          resumed_config, show)
@@ -95,6 +95,17 @@ class VFPretrainer:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"-o {self.output_dir} is a file, not a folder: give a folder for the run's outputs "
                              f"(it is created if missing)")
+        # one writer per run folder, taken before anything in it is read or written (rank 0 writes for all ranks)
+        self.run_lock = RunLock(self.output_dir, RUN_LOCK, "nnUNetv2_vf_pretrain")
+        if self.rank == 0:
+            self.run_lock.acquire()
+        try:
+            self._init_run(cfg, resume, overwrite, explicit)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _init_run(self, cfg: PretrainConfig, resume: bool, overwrite: bool, explicit: Optional[set]) -> None:
         self.store = CheckpointStore(self.output_dir)
         self.moved_inputs = None
         self.detected_modality = False
@@ -313,6 +324,12 @@ class VFPretrainer:
                                     f"compared by name and size)") from e
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.run_lock.release()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         files = self._prepare_output_dir()
         self.dist.barrier()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -57,15 +59,17 @@ class RunContext:
     fold: Any = "FOLD"
     trainer: str = "TRAINER"
     plans: str = "PLANS"
+    plans_folder: Optional[str] = None  # nnUNet_preprocessed/<dataset>: where the recorded adaptations are read
 
     @classmethod
     def of(cls, trainer) -> "RunContext":
         pm = trainer.plans_manager
-        return cls(pm.dataset_name, trainer.configuration_name, trainer.fold, type(trainer).__name__, pm.plans_name)
+        return cls(pm.dataset_name, trainer.configuration_name, trainer.fold, type(trainer).__name__, pm.plans_name,
+                   getattr(trainer, "preprocessed_dataset_folder_base", None))
 
-    def train(self, *extra: str) -> str:
+    def train(self, *extra: str, plans: Optional[str] = None) -> str:
         return " ".join(["nnUNetv2_train", self.dataset, self.configuration, str(self.fold), "-tr", self.trainer,
-                         "-p", self.plans, *extra])
+                         "-p", plans or self.plans, *map(str, extra)])
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -211,6 +215,7 @@ def check_pretrained_compatibility(network: torch.nn.Module, path: str | os.Path
             f"{len(problems)} problem(s) ({sum(p.startswith('missing') for p in problems)} key(s) missing in the "
             f"checkpoint, {sum(p.startswith('shape') for p in problems)} shape mismatch(es), of {len(loaded)} "
             f"tensors to load):\n{_listing(problems)}",
+            _recorded_fix(path, run) or
             "train with the plans and trainer the weights were made for. For Volume Fusion / MIS-FM weights: "
             "'nnUNetv2_vf_adapt_plans -d DATASET -a PRETRAIN_DIR/adaptation_plan.json -p nnUNetPlans_VF', "
             "nnUNetv2_preprocess -plans_name nnUNetPlans_VF, and train with '-p nnUNetPlans_VF'. For an nnU-Net "
@@ -233,6 +238,46 @@ def check_pretrained_compatibility(network: torch.nn.Module, path: str | os.Path
     if has_relative_position_tables(own):
         _check_table_layout(ckpt, path, run)
     return len(loaded)
+
+
+def recorded_adaptations(plans_folder: str | os.PathLike) -> dict[str, str]:
+    """{plans name: the -pretrained_weights file it was adapted for} for every plans file in ``plans_folder`` that
+    ``nnUNetv2_vf_adapt_plans`` wrote (its ``pretrain_info``; the multi-channel ``_<C>ch.pth`` file where one was
+    written)."""
+    found = {}
+    for plans_file in sorted(Path(plans_folder).glob("*.json")):
+        try:
+            info = json.loads(plans_file.read_text()).get("pretrain_info")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(info, dict):
+            continue
+        weights = (info.get("input_channel_adaptation") or {}).get("weights") or info.get("pretrained_weights")
+        if weights:
+            found[plans_file.stem] = str(weights)
+    return found
+
+
+def _recorded_fix(path: str, run: Optional[RunContext]) -> Optional[str]:
+    """The exact fix for a shape mismatch where the dataset's plans record it: the file these plans were adapted
+    for (e.g. the ``_<C>ch.pth`` stem for a multi-channel dataset), or the ``-p`` that was adapted for this file."""
+    if run is None or not run.plans_folder or not Path(run.plans_folder).is_dir():
+        return None
+    adaptations = recorded_adaptations(run.plans_folder)
+    given = Path(path).expanduser().resolve()
+    own = adaptations.get(run.plans)
+    if own and Path(own).resolve() != given:
+        return (f"the plans {run.plans} were adapted (nnUNetv2_vf_adapt_plans) for {own}; train from that file:\n"
+                f"  {run.train('-pretrained_weights', own)}")
+    for name, weights in adaptations.items():
+        source = Path(weights).resolve()
+        if name != run.plans and (source == given or source.parent == given.parent and
+                                  source.stem.startswith(given.stem + "_")):
+            return (f"{path} was adapted for the plans {name} (nnUNetv2_vf_adapt_plans recorded it there); train "
+                    f"with them:\n  {run.train('-pretrained_weights', weights, plans=name)}\n(and preprocess them "
+                    f"first if you have not: nnUNetv2_preprocess -d {run.dataset} -plans_name {name} -c "
+                    f"{run.configuration})")
+    return None
 
 
 def _check_table_layout(ckpt: dict, path: str, run: Optional[RunContext]) -> None:
