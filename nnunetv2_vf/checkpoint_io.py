@@ -10,7 +10,7 @@ import torch
 
 __all__ = ["read_weights_file", "atomic_write", "save_torch", "remove_stale_tmp_files", "WriteError",
            "payload_bytes", "refuse_overwrite", "refuse_nnunet_own_plans", "OverwriteRefused", "RunLock",
-           "FolderInUse"]
+           "FolderInUse", "trained_checkpoint_kind"]
 
 
 def read_weights_file(path: str | os.PathLike, what: str, missing_fix: str, reread_fix: str,
@@ -47,6 +47,22 @@ def read_weights_file(path: str | os.PathLike, what: str, missing_fix: str, rere
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"cannot read {what} {path} ({type(e).__name__}: {reason}); the file is corrupt or not a "
                          f"checkpoint: {reread_fix}") from e
+
+
+def trained_checkpoint_kind(obj: Any) -> Optional[str]:
+    """What a loaded checkpoint is when it comes from an nnU-Net training or a pretraining run ("an nnU-Net training
+    checkpoint (trainer X, network Y)", "an nnUNetv2_vf_pretrain checkpoint"), else None; for messages that name
+    the file's real kind and where it belongs."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("network_weights"), dict):
+        return None
+    if isinstance(obj.get("init_args"), dict):
+        plans = obj["init_args"].get("plans") or {}
+        conf = (plans.get("configurations") or {}).get(obj["init_args"].get("configuration"), {})
+        network = ((conf.get("architecture") or {}).get("network_class_name") or "?").rsplit(".", 1)[-1]
+        return f"an nnU-Net training checkpoint (trainer {obj.get('trainer_name', '?')}, network {network})"
+    if obj.get("trainer_name") == "nnUNetv2_vf_pretrain":
+        return "an nnUNetv2_vf_pretrain checkpoint"
+    return None
 
 
 def _numpy_data_types() -> list:

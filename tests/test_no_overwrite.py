@@ -203,3 +203,28 @@ def test_a_pretraining_folder_has_one_writer_and_sigkill_frees_it(tmp_path):
         with pytest.raises(FolderInUse, match=f"PID {os.getpid()} on "):
             RunLock(out, ".nnunetv2_vf_pretrain.lock").acquire()  # a second writer in the same process, too
     assert not lock.held
+
+
+def test_an_nnunet_training_checkpoint_is_named_as_such_where_it_does_not_belong(tmp_path):
+    """nnU-Net's own checkpoints hold numpy scalars and dtypes: they are read weights-only (never 'could run code')
+    and named for what they are, with where they belong, by the MIS-FM converter and by plan_network --weights."""
+    import numpy as np
+
+    from nnunetv2_vf.architectures.imagenet_weights import read_checkpoint
+    from nnunetv2_vf.pretrain.adapt_plans import convert_misfm_checkpoint
+    net = PCTNet(1, 3, features_per_stage=SMALL)
+    plans = {"configurations": {"3d_fullres": {"architecture": {"network_class_name": "x.PCTNet"}}}}
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "PCTNetTrainer", "current_epoch": 2,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0},
+                "logging": {"mean_fg_dice": [np.float64(0.5)], "dtype": np.dtype("float32")}}, ckpt)
+    before = checksums(tmp_path)
+    with pytest.raises(ValueError) as e:
+        convert_misfm_checkpoint(ckpt, tmp_path / "out" / "w.pth", SMALL, 1)
+    msg = str(e.value)
+    assert "is an nnU-Net training checkpoint (trainer PCTNetTrainer, network PCTNet)" in msg, msg
+    assert "needs no conversion" in msg and "could run code" not in msg
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(ckpt)
+    assert "is an nnU-Net training checkpoint" in str(e.value) and "-pretrained_weights" in str(e.value)
+    assert checksums(tmp_path) == before and not (tmp_path / "out").exists()

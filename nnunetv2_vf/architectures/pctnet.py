@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES, SMALL_FEATURES
-from nnunetv2_vf.checkpoint_io import read_weights_file
+from nnunetv2_vf.checkpoint_io import read_weights_file, trained_checkpoint_kind
 
 __all__ = ["PCTNet", "pctnet_strides", "required_divisibility", "fit_patch_size", "load_misfm_weights",
            "convert_misfm_state_dict", "misfm_relative_position_index", "centre_table_rows",
@@ -932,9 +932,18 @@ def convert_misfm_state_dict(reference: dict, resolution_mode: int = 1,
 
 
 def _load_checkpoint_file(checkpoint: str | os.PathLike) -> dict:
-    return read_weights_file(checkpoint, "PCT-Net weights file",
-                             "download the authors' pctnet_ct10k_volf.pt (openmedlab/MIS-FM) or give the path of a "
-                             "local copy", "fetch it again")
+    """The authors' checkpoint file; a file that is an nnU-Net or nnUNetv2_vf_pretrain checkpoint is named as such
+    (it needs no conversion)."""
+    state = read_weights_file(checkpoint, "PCT-Net weights file",
+                              "download the authors' pctnet_ct10k_volf.pt (openmedlab/MIS-FM) or give the path of a "
+                              "local copy", "fetch it again", allow_numpy=True)
+    kind = trained_checkpoint_kind(state)
+    if kind:
+        raise ValueError(f"{os.path.abspath(checkpoint)} is {kind}, not the MIS-FM authors' file: it needs no "
+                         f"conversion. Fine-tune from it directly: nnUNetv2_train ... -pretrained_weights "
+                         f"{os.path.abspath(checkpoint)} with the plans it was made for (for an nnUNetv2_vf_pretrain "
+                         f"run: nnUNetv2_vf_adapt_plans -a on the adaptation_plan.json beside it).")
+    return state
 
 
 def load_misfm_weights(model: nn.Module, checkpoint, strict_classifier: bool = False) -> dict:
