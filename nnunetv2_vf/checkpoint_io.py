@@ -112,25 +112,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], what: st
             os.fsync(f.fileno())  # the rename must not become visible before the data (power loss)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        # torch.save reports ENOSPC as RuntimeError ('file write failed'), numpy/json as OSError
+        released = _remove_tmp(tmp)
+        # torch.save reports ENOSPC as RuntimeError ('file write failed', 'unexpected pos'), numpy/json as OSError
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, WriteError):
-            raise WriteError(_write_failure_message(path, what, e, needed_bytes)) from e
+            error = WriteError(_write_failure_message(path, what, e, needed_bytes, released))
+            error.free_bytes, error.reason = free_bytes_after(path, released), failure_reason(e, path, needed_bytes)
+            raise error from e
         raise
 
 
-def _write_failure_message(path: str, what: str, e: BaseException, needed_bytes: Optional[int]) -> str:
+def _remove_tmp(tmp: str) -> int:
+    """Remove a failed write's temporary file; returns the bytes it held on disk (which a writer that still has it
+    open keeps allocated until it is collected)."""
+    if not os.path.exists(tmp):
+        return 0
+    try:
+        held = os.stat(tmp).st_blocks * 512
+    except (OSError, AttributeError):
+        held = 0
+    os.remove(tmp)
+    return held
+
+
+def free_bytes_after(path: str, released: int = 0) -> Optional[int]:
+    """Free bytes in ``path``'s folder once a removed temporary file of ``released`` bytes is given back (counted
+    whether or not the file system has reclaimed it yet); None when unknown."""
     import shutil
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free"
+        now = shutil.disk_usage(folder)
     except OSError:
-        free = "free space unknown"
+        return None
+    return min(now.total, now.free + released) if released and now.free < released else now.free
+
+
+def failure_reason(e: BaseException, path: str, needed_bytes: Optional[int]) -> str:
+    """The real cause of a failed write: the OSError in the exception chain (with its errno name), or ENOSPC when a
+    library's own error (torch's 'unexpected pos', 'file write failed') hides a full disk."""
+    import errno as errno_names
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{errno_names.errorcode.get(cause.errno, cause.errno)}: {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    raw = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    free = free_bytes_after(path)
+    if free is not None and free < max(needed_bytes or 0, 2 ** 20):
+        return f"ENOSPC: No space left on device ({type(e).__name__} from the writer: {raw})"
+    return f"{type(e).__name__}: {raw}"
+
+
+def _write_failure_message(path: str, what: str, e: BaseException, needed_bytes: Optional[int],
+                           released: int = 0) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    free_bytes = free_bytes_after(path, released)
+    free = "free space unknown" if free_bytes is None else f"{free_bytes / 2 ** 20:.1f} MiB free"
     need = f"it needs about {needed_bytes / 2 ** 20:.1f} MiB, " if needed_bytes else ""
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return (f"cannot write {what} {path} ({type(e).__name__}: {reason}); {need}{free} on {folder}. Free disk "
-            f"space (or fix the permissions) and rerun the same command with --continue")
+    return (f"cannot write {what} {os.path.abspath(path)} ({failure_reason(e, path, needed_bytes)}); {need}{free} on "
+            f"{folder}. Free disk space (or fix the permissions) and rerun the same command with --continue")
 
 
 def save_torch(obj: Any, path: str | os.PathLike, what: str = "checkpoint") -> None:

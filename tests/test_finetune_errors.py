@@ -278,8 +278,21 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_how_to_resume(trainer_
     msg = str(e.value)
     assert trainer.output_folder in msg and "MiB free" in msg, msg
     assert f"needs about {len(before) / 2 ** 20:.1f} MiB (the size of the previous checkpoint_latest.pth)" in msg
-    assert f"{RUN_LINE} --c" in msg and "last good checkpoint_latest.pth" in msg
+    assert f"{RUN_LINE} --c" in msg and "--c loads checkpoint_latest.pth" in msg
+    assert "the earlier checkpoint_latest.pth is unchanged" in msg
+    if kind == "oserror":
+        assert "(ENOSPC: No space left on device)" in msg, msg
     assert isinstance(e.value, OSError)
+    # a first checkpoint that cannot be written: no earlier file to speak of, nothing for --c to load
+    first = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+    os.remove(target)
+    monkeypatch.setattr(torch, "save", _failing_save(kind))
+    with pytest.raises(CheckpointWriteError) as e:
+        trainer.save_checkpoint(first)
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert "there was no earlier checkpoint_best.pth" in msg and "--c" not in msg, msg
+    assert msg.rstrip().endswith(RUN_LINE) and "no checkpoint of this fold exists yet" in msg
 
 
 def test_checkpointing_conditions_and_stale_temporary_files(trainer_env):

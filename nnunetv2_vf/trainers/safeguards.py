@@ -379,7 +379,7 @@ class AtomicCheckpoints:
                          "nnU-Net checkpoint", needed)
         except WriteError as e:
             cause = e.__cause__ or e
-            raise CheckpointWriteError(self._write_failure(filename, folder, cause, needed, basis)) from cause
+            raise CheckpointWriteError(self._write_failure(filename, folder, e, needed, basis)) from cause
 
     def _checkpoint_size(self, folder: str) -> tuple[int, str]:
         """Bytes a checkpoint needs: the largest earlier checkpoint of this fold, else the weights and optimizer
@@ -393,15 +393,23 @@ class AtomicCheckpoints:
                  "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {}}
         return payload_bytes(state), "weights and optimizer state"
 
-    def _write_failure(self, filename: str, folder: str, cause: BaseException, needed: int, basis: str) -> str:
-        try:
-            free = f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    def _write_failure(self, filename: str, folder: str, error: WriteError, needed: int, basis: str) -> str:
+        """The message of a failed checkpoint write: the real cause, the free space once the temporary file is
+        gone, and only the checkpoints that exist."""
+        free_bytes = getattr(error, "free_bytes", None)
+        free = "free space unknown" if free_bytes is None else f"{free_bytes / 2 ** 20:.1f} MiB free"
         name = os.path.basename(filename)
-        return (f"cannot write nnU-Net checkpoint {filename} ({type(cause).__name__}: {reason}).\n"
-                f"  {folder}: {free}; a checkpoint needs about {needed / 2 ** 20:.1f} MiB ({basis}).\n"
-                f"  Nothing half-written is left: the temporary file was removed, an earlier {name} is unchanged.\n"
-                f"Fix: free disk space in {folder} (or fix its permissions), then resume from the last good "
-                f"checkpoint_latest.pth:\n  {RunContext.of(self).train('--c')}")
+        kept = [n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                if os.path.isfile(os.path.join(folder, n))]
+        state = (f"the earlier {name} is unchanged" if name in kept else f"there was no earlier {name}")
+        if kept:  # nnU-Net's --c loads the first of final, latest, best that exists
+            resume = (f"then resume (--c loads {kept[0]}, the first of checkpoint_final / _latest / _best that "
+                      f"exists):\n  {RunContext.of(self).train('--c')}")
+        else:
+            resume = f"then start the training again (no checkpoint of this fold exists yet):\n  {RunContext.of(self).train()}"
+        return (f"cannot write nnU-Net checkpoint {os.path.abspath(filename)} "
+                f"({getattr(error, 'reason', None) or error}).\n"
+                f"  {folder}: {free} once the temporary file is removed; a checkpoint needs about "
+                f"{needed / 2 ** 20:.1f} MiB ({basis}).\n"
+                f"  Nothing half-written is left: the temporary file was removed, {state}.\n"
+                f"Fix: free disk space in {folder} (or fix its permissions), {resume}")
