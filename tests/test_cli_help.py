@@ -11,7 +11,8 @@ import pytest
 from nnunetv2_vf.workflow import console_script
 
 SCRIPTS = ("nnUNetv2_vf_pretrain", "nnUNetv2_vf_adapt_plans", "nnUNetv2_vf_convert_misfm",
-           "nnUNetv2_vf_inflate_checkpoint", "nnUNetv2_vf_plan_network", "nnUNetv2_vf_demo")
+           "nnUNetv2_vf_inflate_checkpoint", "nnUNetv2_vf_plan_network", "nnUNetv2_vf_demo",
+           "nnUNetv2_vf_check_inputs")
 
 
 def _entries(help_text: str) -> dict[str, str]:

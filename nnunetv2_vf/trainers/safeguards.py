@@ -349,7 +349,11 @@ class PretrainedWeightsCheck:
         if first:
             path = pending_pretrained_weights(self)
             if path is not None:
-                n = check_pretrained_compatibility(self.network, path, RunContext.of(self))
+                try:
+                    n = check_pretrained_compatibility(self.network, path, RunContext.of(self))
+                except PretrainedWeightsError as e:  # the run's log says why it stopped, not only the console
+                    self.print_to_log_file(f"refused: {e}", also_print_to_console=False)
+                    raise
                 self.print_to_log_file(f"-pretrained_weights {path}: checked, {n} tensors fit this network "
                                        f"(final classifiers {CLASSIFIER_MARK} start fresh)",
                                        also_print_to_console=True)
