@@ -53,7 +53,7 @@ def expected_inputs(model: Path) -> dict:
 
 def check_folder(folder: Path, expected: dict) -> tuple[int, list[str]]:
     """(number of cases, problems) of the images in ``folder`` against ``expected`` (:func:`expected_inputs`)."""
-    import SimpleITK as sitk
+    from nnunetv2_vf.pretrain.dataset import read_image_header
 
     folder, ending = Path(folder), expected["file_ending"]
     n_channels, dims = len(expected["channels"]), expected["dimensions"]
@@ -85,10 +85,8 @@ def check_folder(folder: Path, expected: dict) -> tuple[int, list[str]]:
             if path.stat().st_size == 0:
                 problems.append(f"{path.resolve()}: empty file")
                 continue
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
             try:
-                reader.ReadImageInformation()
+                reader = read_image_header(path)
             except RuntimeError as e:
                 problems.append(f"{path.resolve()}: unreadable ({str(e).strip().splitlines()[-1][:160]})")
                 continue

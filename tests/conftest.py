@@ -42,3 +42,21 @@ def hippo_dataset(nnunet_env, shared_dir) -> dict:
     run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", HIPPO_ID, "-c", "2d", "3d_fullres", "-np", "1",
                 "--verify_dataset_integrity"], nnunet_env, echo=False)
     return {"id": HIPPO_ID, "name": f"Dataset{HIPPO_ID:03d}_{HIPPO_NAME}", "raw": raw, "env": nnunet_env}
+
+
+@pytest.fixture
+def two_channel_preprocessed(tmp_path) -> Path:
+    """``nnUNet_preprocessed`` holding a planned 2-channel dataset (``Dataset777_TwoChannels``: dataset.json and a
+    hand-written nnUNetPlans.json with a PlainConvUNet), for plans adaptation without nnU-Net's planner."""
+    import json
+    root = tmp_path / "preprocessed"
+    folder = root / "Dataset777_TwoChannels"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
+    (folder / "nnUNetPlans.json").write_text(json.dumps({
+        "plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {},
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40], "spacing": [1.0, 1.0, 1.0],
+            "normalization_schemes": ["ZScoreNormalization"] * 2, "use_mask_for_norm": [False] * 2,
+            "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {}}}}}))
+    return root

@@ -60,19 +60,8 @@ def _pretraining(folder: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture
-def preprocessed(tmp_path) -> Path:
-    """A planned 2-channel dataset (nnUNetPlans.json, dataset.json) in nnUNet_preprocessed."""
-    root = tmp_path / "nnUNet_preprocessed"
-    folder = root / DATASET
-    folder.mkdir(parents=True)
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
-    (folder / "nnUNetPlans.json").write_text(json.dumps({
-        "plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40], "spacing": [1.0, 1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"] * 2, "use_mask_for_norm": [False] * 2,
-            "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {}}}}}))
-    return root
+def preprocessed(two_channel_preprocessed) -> Path:
+    return two_channel_preprocessed
 
 
 def test_convert_misfm_keeps_an_existing_run_and_announces_both_files(shared_dir, tmp_path):

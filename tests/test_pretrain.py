@@ -356,7 +356,8 @@ def test_stem_repeated_over_channels_is_the_mean_of_the_channels():
         repeat_stem_over_channels({"stem.proj.weight": weight}, ["encoder.stem.convs.0.conv"], 3)
 
 
-def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_path, monkeypatch, capsys):
+def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_path, monkeypatch, capsys,
+                                                                            two_channel_preprocessed):
     """nnUNetv2_vf_adapt_plans on a 2-channel dataset: the written weights load into the plans' network, which
     computes on any 2-channel input what the pretrained network computes on the channels' mean."""
     from nnunetv2_vf.pretrain.cli import adapt_plans_main
@@ -368,16 +369,8 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
                 **table_layout_record(original.state_dict())},
                pretrain / "checkpoint_final.pth")
     _small_plan().save(pretrain / "adaptation_plan.json")
-    folder = tmp_path / "preprocessed" / "Dataset777_TwoChannels"
-    folder.mkdir(parents=True)
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
-    (folder / "nnUNetPlans.json").write_text(json.dumps({
-        "plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40], "spacing": [1.0, 1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"] * 2, "use_mask_for_norm": [False] * 2,
-            "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {}}}}}))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    folder = two_channel_preprocessed / "Dataset777_TwoChannels"
+    monkeypatch.setenv("nnUNet_preprocessed", str(two_channel_preprocessed))
     adapt_plans_main(["-d", "Dataset777_TwoChannels", "-a", str(pretrain / "adaptation_plan.json")])
     converted = pretrain / "checkpoint_final_2ch.pth"
     assert f"train with -pretrained_weights {converted}" in capsys.readouterr().out

@@ -62,6 +62,15 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return sorted({f for f in files if not f.name.lower().endswith(".img") or not f.with_suffix(".hdr").exists()})
 
 
+def read_image_header(path: str | os.PathLike) -> "sitk.ImageFileReader":
+    """SimpleITK's reader of ``path`` with only the header read (size, dimension, components, spacing); raises
+    RuntimeError for an unreadable file."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
 def check_volume_headers(files: Sequence[Path]) -> list[Path]:
     """Read only the headers: drop unreadable files (warning naming them) and reject 2D images.
 
@@ -69,10 +78,8 @@ def check_volume_headers(files: Sequence[Path]) -> list[Path]:
     """
     good, two_d, multi = [], [], []
     for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(f))
         try:
-            reader.ReadImageInformation()
+            reader = read_image_header(f)
         except RuntimeError as e:
             warnings.warn(f"skipping unreadable image {f}: {str(e).strip().splitlines()[-1][:200]}")
             continue
