@@ -215,7 +215,7 @@ def _time_network(net, x, device: str, repeats: int, amp: str | None, compile_ne
 def check_speed(device: str, features, patch, batch: int, repeats: int, device_name: str) -> dict:
     """nnU-Net's PlainConvUNet and the frozen pre-optimisation PCT-Net (``_pctnet_baseline.py``) with nnU-Net's fp16
     AMP, against the current PCT-Net with the same AMP, with bf16 autocast, with activation checkpointing, and (CUDA)
-    with bf16 + ``torch.compile``: issue 14's GPU targets are current <= 0.6x the frozen baseline's time and
+    with bf16 + ``torch.compile``: the GPU targets are the current network at <= 0.6x the frozen baseline's time and
     <= 1.5x PlainConvUNet's for the same region."""
     import _pctnet_baseline
     from _measure import nnunet_default_unet

@@ -171,7 +171,7 @@ TWO_CHANNEL_ID = 944
 @pytest.mark.slow
 def test_two_channel_dataset_finetunes_from_single_channel_pretraining(pretrained, hippo_dataset, shared_dir,
                                                                         tmp_path):
-    """Issue 10.1: real hippocampus MRI as channel 0 and its square root (another contrast of the same anatomy) as
+    """Real hippocampus MRI as channel 0 and its square root (another contrast of the same anatomy) as
     channel 1; adapt_plans writes 2-channel plans and weights; stock preprocess / train / predict run on them."""
     import SimpleITK as sitk
     env = hippo_dataset["env"]

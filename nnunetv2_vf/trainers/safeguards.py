@@ -144,12 +144,13 @@ def check_pretrained_compatibility(network: torch.nn.Module, path: str | os.Path
     PCT-Net tables in another layout than ``pctnet.TABLE_LAYOUT`` (:func:`_check_table_layout`). ``run`` fills the fix
     commands in.
     """
-    path = os.fspath(path)
+    given = os.fspath(path)
+    path = os.path.abspath(os.path.expanduser(given))  # messages name absolute paths
     _refuse_foreign_file(path, run)
     try:
         ckpt = read_weights_file(path, "-pretrained_weights", _MISSING_FIX, _REREAD_FIX, allow_numpy=True)
     except FileNotFoundError as e:
-        where = "" if os.path.isabs(os.path.expanduser(path)) else f"\n(relative to {os.getcwd()})"
+        where = "" if os.path.isabs(os.path.expanduser(given)) else f"\n(given as {given!r}, relative to {os.getcwd()})"
         raise _fail(str(e) + where, None, run, PretrainedWeightsNotFoundError) from None
     except ValueError as e:  # read_weights_file's message names the problem and the fix
         unsafe = "could run code" in str(e)
