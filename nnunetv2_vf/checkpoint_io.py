@@ -263,7 +263,7 @@ class RunLock:
     """An exclusive ``flock`` on ``<folder>/<name>``: one writer per run folder.
 
     The kernel releases the lock when the holder exits, however it exits (SIGKILL included), so a stale lock file
-    never blocks a ``--continue``; the file only records who holds it (PID, host, start time, command) for the
+    never blocks a ``--continue``; the file only records who holds it (PID, host, start time) for the
     message of a second process. POSIX only (fcntl); elsewhere the lock is a no-op.
     """
 
@@ -272,14 +272,19 @@ class RunLock:
         self.command = command
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, create: bool = True) -> "RunLock":
+        """Take the lock (raise :class:`FolderInUse` naming the holder). ``create=False``: only if the lock file
+        exists already, so that a refused or failed start leaves no file in a folder it did not create."""
+        if self._fd is not None:
+            return self
         try:
             import fcntl
         except ImportError:  # Windows: no flock
             return self
         import socket
-        import sys
         import time
+        if not create and not os.path.isfile(self.path):
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -293,7 +298,7 @@ class RunLock:
                               f"folder.") from None
         os.ftruncate(fd, 0)
         os.write(fd, (f"PID {os.getpid()} on {socket.gethostname()}, started "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {' '.join(sys.argv)}\n").encode())
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode())
         self._fd = fd
         return self
 

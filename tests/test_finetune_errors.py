@@ -218,7 +218,7 @@ def test_check_runs_inside_nnunets_own_maybe_load_checkpoint(trainer_env):
     msg = str(e.value)
     assert "shape mismatch: encoder.pct4" in msg and f"(run: {RUN_LINE};" in msg, msg
     assert trainer.was_initialized  # failed after the network was built, before nnU-Net's loader ran
-    assert "refused: -pretrained_weights" in open(trainer.log_file).read()  # the run's log says why it stopped
+    assert "refused: PretrainedWeightsError: -pretrained_weights" in open(trainer.log_file).read()  # the run's log says why it stopped
 
     trainer = _trainer()
     good = trainer_env / "good.pth"

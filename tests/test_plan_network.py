@@ -186,7 +186,7 @@ def test_file_level_errors_and_overwrite(pre):
     with pytest.raises(ValueError, match=r"single '_'"):
         _write(pre, "2d", "EncoderUNet2D", "nnUNetPlans__bad")
     _write(pre, "2d", "EncoderUNet2D", "nnUNetPlans_enc")
-    with pytest.raises(ValueError, match=r"would replace 1 existing file.*nnUNetPlans_enc.json.*--overwrite"):
+    with pytest.raises(ValueError, match=r"(?s)would replace 1 existing file.*nnUNetPlans_enc.json.*--overwrite"):
         _write(pre, "2d", "EncoderUNet2D", "nnUNetPlans_enc", encoder="resnet18")
     # --overwrite; deriving from the written plans adds the 3D network next to the 2D one
     _write(pre, "2d", "EncoderUNet2D", "nnUNetPlans_enc", encoder="resnet18", overwrite=True)

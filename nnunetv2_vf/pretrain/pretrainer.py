@@ -95,15 +95,13 @@ class VFPretrainer:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"-o {self.output_dir} is a file, not a folder: give a folder for the run's outputs "
                              f"(it is created if missing)")
-        # one writer per run folder, taken before anything in it is read or written (rank 0 writes for all ranks)
+        # one writer per run folder (rank 0 writes for all ranks): a running run's lock stops this process before
+        # anything in the folder is read (a probe, released at once); run() holds the lock from its first write on,
+        # and only then creates the lock file
         self.run_lock = RunLock(self.output_dir, RUN_LOCK, "nnUNetv2_vf_pretrain")
         if self.rank == 0:
-            self.run_lock.acquire()
-        try:
-            self._init_run(cfg, resume, overwrite, explicit)
-        except BaseException:
-            self.run_lock.release()
-            raise
+            self.run_lock.acquire(create=False).release()
+        self._init_run(cfg, resume, overwrite, explicit)
 
     def _init_run(self, cfg: PretrainConfig, resume: bool, overwrite: bool, explicit: Optional[set]) -> None:
         self.store = CheckpointStore(self.output_dir)
@@ -300,6 +298,7 @@ class VFPretrainer:
         files = self._input_files()
         if self.rank != 0:
             return files
+        self.run_lock.acquire()  # before the first write; held already if the folder had a lock file
         removed = self.store.prepare(self.overwrite)
         if removed:
             self.log(f"removed temporary files of an interrupted run: {', '.join(removed)}")

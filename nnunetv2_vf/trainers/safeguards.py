@@ -346,18 +346,18 @@ class PretrainedWeightsCheck:
 
     def initialize(self):
         first = not self.was_initialized
-        super().initialize()
-        if first:
-            path = pending_pretrained_weights(self)
+        try:
+            super().initialize()
+            path = pending_pretrained_weights(self) if first else None
             if path is not None:
-                try:
-                    n = check_pretrained_compatibility(self.network, path, RunContext.of(self))
-                except PretrainedWeightsError as e:  # the run's log says why it stopped, not only the console
-                    self.print_to_log_file(f"refused: {e}", also_print_to_console=False)
-                    raise
-                self.print_to_log_file(f"-pretrained_weights {path}: checked, {n} tensors fit this network "
-                                       f"(final classifiers {CLASSIFIER_MARK} start fresh)",
-                                       also_print_to_console=True)
+                n = check_pretrained_compatibility(self.network, path, RunContext.of(self))
+        except Exception as e:  # a refused run's log says why it stopped (nnU-Net has already created it)
+            if first:
+                self.print_to_log_file(f"refused: {type(e).__name__}: {e}", also_print_to_console=False)
+            raise
+        if path is not None:
+            self.print_to_log_file(f"-pretrained_weights {path}: checked, {n} tensors fit this network "
+                                   f"(final classifiers {CLASSIFIER_MARK} start fresh)", also_print_to_console=True)
 
 
 # --------------------------------------------------------------------------------------------- atomic checkpoints
