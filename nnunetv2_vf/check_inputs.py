@@ -25,10 +25,10 @@ from pathlib import Path
 
 def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
     from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
     if not nnUNet_results:
         raise ValueError("nnUNet_results is not set: export it as for nnUNetv2_predict, or give -m MODEL_FOLDER")
-    return Path(nnUNet_results) / maybe_convert_to_dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
+    return Path(get_output_folder(dataset, trainer, plans, configuration))
 
 
 def expected_inputs(model: Path) -> dict:

@@ -55,11 +55,16 @@ def step_time_estimates(path: Path = STEP_TIMES) -> dict[str, dict[str, float]]:
     return {mode: {k: float(v) for k, v in table[mode].items()} for mode in ("quick", "default")}
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def slower_than_estimated(title: str, elapsed_s: float, estimate_s: float, finished: bool) -> str | None:
     """The line that tells the user a step runs slower than its estimate, or None while it is within it."""
     if elapsed_s <= SLOW_FACTOR * estimate_s + SLOW_MARGIN_S:
         return None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     state = "took" if finished else "has run for"
     return (f"[slower than estimated: {title} {state} {_minutes(elapsed_s)}, {elapsed_s / max(estimate_s, 1):.1f}x "
             f"the {_minutes(estimate_s)} measured on a quiet 2-core CPU; load average {load:.1f} on "
@@ -294,7 +299,7 @@ class Demo:
         print(f"nnunetv2-vf demo{' (--quick)' if self.quick else ''}: {len(self.steps)} steps, about "
               f"{_minutes(total)} on a quiet 2-core CPU (measured, {STEP_TIMES.name}; a GPU is faster).\n"
               f"Output folder: {self.out}", flush=True)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = load_average()
         if load > (os.cpu_count() or 1):
             print(f"The machine is busy (load average {load:.1f} on {os.cpu_count()} CPUs): expect the steps to "
                   f"take longer than estimated.", flush=True)
@@ -345,8 +350,8 @@ class Demo:
         for kind, seconds in self.step_seconds:
             per_kind.setdefault(kind, []).append(seconds)
         record = {"mode": "quick" if self.quick else "default", "device": self.args.device,
-                  "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg")
-                  else None, "elapsed_s": round(time.time() - started, 1),
+                  "cpus": os.cpu_count(), "load_average_at_end": load_average(),
+                  "elapsed_s": round(time.time() - started, 1),
                   "seconds": {k: round(float(np.mean(v)), 1) for k, v in per_kind.items()},
                   "steps": [[k, round(s, 1)] for k, s in self.step_seconds]}
         (self.out / "timings.json").write_text(json.dumps(record, indent=1))

@@ -191,12 +191,11 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     refuse_overwrite([target], overwrite, "nnUNetv2_vf_adapt_plans",
                      f"choose another -p for these plans (models trained with -p {plans_name} read the existing file)")
     converted = None
-    if weights_file or default_weights_file(adaptation_plan, plan).is_file():
+    source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
+    if weights_file or source_weights.is_file():
         # the file -pretrained_weights should name: the fine-tuning safeguards quote it when another one is given
-        new["pretrain_info"]["pretrained_weights"] = str(
-            Path(weights_file or default_weights_file(adaptation_plan, plan)).resolve())
+        new["pretrain_info"]["pretrained_weights"] = str(source_weights.resolve())
     if channels != plan.pretrain_num_input_channels:
-        source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
         if not source_weights.is_file():
             raise FileNotFoundError(f"the dataset has {channels} input channels, so the pretrained weights get a "
                                     f"{channels}-channel stem, but {source_weights} does not exist: give the "
