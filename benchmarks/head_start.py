@@ -40,8 +40,11 @@ and the validation workers, and about 2.2 s per validation case (sliding window,
   about 100 single-core minutes.  Not included: the pretraining (pass ``--pretrained``; pretraining here would add
   ``pretrain_iterations`` x about 0.5 s).  Five seeds rather than 20 validation cases: at these budgets the
   seed-to-seed spread dominates the interval (``nnunetv2_vf.paired_stats``).
-- ``converged``: the four arms at 600 iterations (40 x 15, ``VFPretrainedTrainer_small_40x15``), seeds 0-2:
-  12 runs x (600 x 0.62 s + 35 s) = about 81 min; the report says whether scratch's curve has flattened out.
+- ``converged``: scratch and pretrained at 600 (40 x 15, ``VFPretrainedTrainer_small_40x15``) and 1200 iterations
+  (80 x 15, ``VFPretrainedTrainer_small_80x15``), seeds 0-2, and the two recipe arms at 600 (pass ``--arms`` and
+  ``--iterations`` to choose): per 600 iterations about 10 single-core minutes, so scratch + pretrained at 1200 are
+  6 x 20 = about 120 single-core minutes.  The report says whether scratch's curve at the longest budget has
+  flattened out.
 - ``smoke``: a few minutes, checks the pipeline, no conclusion: 4-iteration pretraining, budgets 15 and 30
   iterations, 3 validation cases, one seed, three arms (about 5 min of one quiet core, from runs measured on a core
   shared with other jobs, where it takes 2-3 times as long).
@@ -84,7 +87,7 @@ SETTINGS = {
     "cpu": dict(dataset="Dataset004_Hippocampus", labelled=2, held_out=20, val_cases=10, seeds=[0, 1, 2, 3, 4],
                 budgets=BUDGETS, arms=["scratch", "pretrained", *HEAD_START_ARMS], device="cpu", **PRETRAIN),
     "converged": dict(dataset="Dataset004_Hippocampus", labelled=2, held_out=20, val_cases=10, seeds=[0, 1, 2],
-                      budgets={600: "VFPretrainedTrainer_small_40x15"},
+                      budgets={600: "VFPretrainedTrainer_small_40x15", 1200: "VFPretrainedTrainer_small_80x15"},
                       arms=["scratch", "pretrained", *HEAD_START_ARMS], device="cpu", **PRETRAIN),
     "smoke": dict(dataset="Dataset004_Hippocampus", labelled=2, held_out=3, val_cases=3, seeds=[0],
                   budgets={15: "VFPretrainedTrainer_small_1x15", 30: "VFPretrainedTrainer_small_2x15"},
@@ -246,7 +249,7 @@ def main() -> None:
           f"{pretrain_dir} (validation images it read: {len(leaked)}"
           + (f", {leaked}" if leaked else "") + "), fixed-set fusion Dice "
           + (" -> ".join(f"{d:.3f}@{i:g}" for i, d in zip(pretext.get("iteration", []), pretext.get("val_dice", [])))
-             or "n/a") + f". Times (one process at a time): {timings}; mean seconds per run by budget {seconds}.",
+             or "n/a") + f". Times (each process pinned to its own core): {timings}; mean seconds per run by budget {seconds}.",
           "", "Mean validation Dice per arm:", "",
           "| iterations | " + " | ".join(s["arms"]) + " |", "|---" * (len(s["arms"]) + 1) + "|"]
     md += [f"| {b} | " + " | ".join(f"{means[(b, a)]:.3f}" if (b, a) in means else "-" for a in s["arms"]) + " |"

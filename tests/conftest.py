@@ -44,6 +44,37 @@ def hippo_dataset(nnunet_env, shared_dir) -> dict:
     return {"id": HIPPO_ID, "name": f"Dataset{HIPPO_ID:03d}_{HIPPO_NAME}", "raw": raw, "env": nnunet_env}
 
 
+TWO_CHANNEL_ID = 944
+
+
+@pytest.fixture(scope="session")
+def two_channel_hippo(hippo_dataset) -> dict:
+    """A real 2-channel dataset: 8 hippocampus MRI cases as channel 0 and their square root (another contrast of the
+    same anatomy) as channel 1, planned (``nnUNetPlans``) but not preprocessed. Returns dict(id, name, raw, env,
+    cases)."""
+    import json
+    import shutil
+    import SimpleITK as sitk
+    env = hippo_dataset["env"]
+    name = f"Dataset{TWO_CHANNEL_ID:03d}_HippoTwoChannels"
+    raw = Path(env["nnUNet_raw"]) / name
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    source = hippo_dataset["raw"]
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (source / "labelsTr").glob("*.nii.gz"))[:8]
+    for case in cases:
+        image = sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"), sitk.sitkFloat32)
+        sitk.WriteImage(image, str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(sitk.Sqrt(sitk.Abs(image)), str(raw / "imagesTr" / f"{case}_0001.nii.gz"))
+        shutil.copy2(source / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "channel_names": {"0": "MRI", "1": "sqrtMRI"},
+                                                  "numTraining": len(cases), "name": "HippoTwoChannels"}))
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", TWO_CHANNEL_ID, "-c", "3d_fullres", "-np", "1", "--no_pp"],
+               env, echo=False)
+    return {"id": TWO_CHANNEL_ID, "name": name, "raw": raw, "env": env, "cases": cases}
+
+
 @pytest.fixture
 def two_channel_preprocessed(tmp_path) -> Path:
     """``nnUNet_preprocessed`` holding a planned 2-channel dataset (``Dataset777_TwoChannels``: dataset.json and a

@@ -154,8 +154,15 @@ def test_converted_misfm_weights_and_their_plan_record_the_layout(shared_dir, tm
 
 
 # ------------------------------------------------------------------------------------------- adaptation plans
+PLAIN_KWARGS = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1]}
+
+
 def _plan_dict(arch_class_name: str = PCTNET) -> dict:
-    arch = {"network_class_name": arch_class_name, "arch_kwargs": {}}
+    # PlainConvUNet declares its keys in __init__: the plan builds it (on the meta device) from real kwargs
+    arch = {"network_class_name": arch_class_name, "arch_kwargs": PLAIN_KWARGS if arch_class_name == PLAIN else {},
+            "_kw_requires_import": ["conv_op"] if arch_class_name == PLAIN else []}
     return AdaptationPlan.for_network(
         arch, trainer_name="test", patch_size=[16, 32, 32],
         preprocessing={"spacing": None, "normalization": "MR", "nnunet_normalization_scheme": "ZScoreNormalization"}
@@ -165,7 +172,7 @@ def _plan_dict(arch_class_name: str = PCTNET) -> dict:
 def test_adaptation_plans_record_the_layout_of_pctnet_only():
     assert TABLE_LAYOUT_KEY in {f.name for f in fields(AdaptationPlan)}  # the plan's field is the checkpoints' key
     pct = _plan_dict()
-    assert pct[TABLE_LAYOUT_KEY] == TABLE_LAYOUT and pct["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/3"
+    assert pct[TABLE_LAYOUT_KEY] == TABLE_LAYOUT and pct["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/4"
     assert AdaptationPlan.from_dict(pct).pctnet_table_layout == TABLE_LAYOUT
     assert _plan_dict(PLAIN)[TABLE_LAYOUT_KEY] is None
 

@@ -11,8 +11,15 @@ import pytest
 from nnunetv2_vf.workflow import console_script
 
 SCRIPTS = ("nnUNetv2_vf_pretrain", "nnUNetv2_vf_adapt_plans", "nnUNetv2_vf_convert_misfm",
-           "nnUNetv2_vf_inflate_checkpoint", "nnUNetv2_vf_plan_network", "nnUNetv2_vf_demo",
-           "nnUNetv2_vf_check_inputs")
+           "nnUNetv2_vf_convert_nnssl", "nnUNetv2_vf_inflate_checkpoint", "nnUNetv2_vf_plan_network",
+           "nnUNetv2_vf_demo", "nnUNetv2_vf_check_inputs")
+
+
+def test_every_console_script_with_options_is_checked():
+    import tomllib
+    from pathlib import Path
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) - {"nnUNetv2_vf_trainer_dir"} == set(SCRIPTS)  # trainer_dir takes no options
 
 
 def _entries(help_text: str) -> dict[str, str]:

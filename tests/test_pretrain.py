@@ -14,7 +14,7 @@ import torch
 
 from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet, pctnet_strides, table_layout_record
 from nnunetv2_vf.pretrain.adapt_plans import adapted_plans, convert_misfm_checkpoint
-from nnunetv2_vf.pretrain.adaptation_plan import (FORMAT, AdaptationPlan, AdaptationPlanError, NNUNET_NETWORK_KEYS,
+from nnunetv2_vf.pretrain.adaptation_plan import (FORMAT, AdaptationPlan, AdaptationPlanError, input_projection_keys,
                                                    network_keys)
 from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
                                           crop_or_pad, find_images)
@@ -246,7 +246,7 @@ V1_PLAN = {
 def test_adaptation_plan_round_trips_and_reads_version_1(tmp_path):
     plan = _small_plan(volume_fusion={"variant": "grid", "num_classes": 3})
     again = AdaptationPlan.from_json(plan.to_json())
-    assert again == plan and json.loads(plan.to_json())["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/3"
+    assert again == plan and json.loads(plan.to_json())["format"] == FORMAT == "nnunetv2_vf.adaptation_plan/4"
     assert plan.keys_to_in_proj == ["stem.proj"] and plan.key_to_stem == "stem"  # declared by PCTNet itself
     (tmp_path / "adaptation_plan.json").write_text(json.dumps(V1_PLAN))
     with pytest.raises(AdaptationPlanError, match="no 'pctnet_table_layout' record"):
@@ -296,21 +296,61 @@ def test_adaptation_plan_that_is_not_json(tmp_path):
         AdaptationPlan.load(tmp_path / "nothing")
 
 
-def test_networks_declare_their_stem_encoder_and_input_projection():
+def _tiny_nnunet_networks(in_channels: int):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    plain = PlainConvUNet(in_channels, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], 2, 3, 2, conv_bias=True)
+    resenc = ResidualEncoderUNet(in_channels, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], [1, 1, 1], 3, 2,
+                                 conv_bias=True)
+    return plain, resenc
+
+
+def test_networks_declare_their_stem_encoder_and_input_projection():
+    """PCT-Net declares its keys as class attributes, dynamic-network-architectures' U-Nets as instance attributes
+    (read from a network built on the meta device when only the plans' architecture block is known)."""
+    from nnunetv2_vf.pretrain.adaptation_plan import build_network
     pct = PCTNet(2, 3, features_per_stage=SMALL)
-    plain = PlainConvUNet(2, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], 2, 3, 2, conv_bias=True)
-    resenc = ResidualEncoderUNet(2, 3, (8, 16, 32), torch.nn.Conv3d, 3, [1, 2, 2], [1, 1, 1], 3, 2, conv_bias=True)
-    assert set(NNUNET_NETWORK_KEYS) == {f"{type(n).__module__}.{type(n).__name__}" for n in (plain, resenc)}
+    plain, resenc = _tiny_nnunet_networks(2)
     for net in (pct, plain, resenc):
-        keys = network_keys(f"{type(net).__module__}.{type(net).__name__}")
+        keys = network_keys(net)
         weights = net.state_dict()
         for proj in keys.keys_to_in_proj:  # the input projection sees the image channels
             assert weights[f"{proj}.weight"].shape[1] == 2
         assert any(k.startswith(keys.key_to_stem + ".") for k in weights)
         assert any(k.startswith(keys.key_to_encoder + ".") for k in weights)
+    assert network_keys(plain).key_to_encoder == "encoder.stages"  # the library's own declaration
+    assert network_keys(resenc).keys_to_in_proj == ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
+    architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                    "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32],
+                                    "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 3,
+                                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_blocks_per_stage": [1, 1, 1],
+                                    "n_conv_per_stage_decoder": [1, 1], "conv_bias": True},
+                    "_kw_requires_import": ["conv_op"]}
+    assert network_keys(architecture) == network_keys(resenc)
+    assert next(build_network(architecture).parameters()).is_meta  # nothing allocated
     with pytest.raises(ValueError, match="key_to_stem, key_to_encoder and keys_to_in_proj"):
         network_keys("torch.nn.Conv3d")
+
+
+def test_input_projection_aliases_found_by_identity_and_widened_together(tmp_path):
+    """nnU-Net's U-Nets hold their first convolution under four state-dict names; widening only the declared one
+    stops nnU-Net's own loader at the shape check. Every name of the same parameter is found and widened."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2_vf.pretrain.adapt_plans import repeat_stem_over_channels
+    for single, double in zip(_tiny_nnunet_networks(1), _tiny_nnunet_networks(2)):
+        keys = network_keys(single)
+        names = input_projection_keys(single, keys.keys_to_in_proj)
+        assert len(names) == 4 and set(keys.keys_to_in_proj) <= set(names)
+        assert sum(n.startswith("decoder.encoder.") for n in names) == 2
+        weights = {k: v.clone() for k, v in single.state_dict().items()}  # saved files hold separate copies
+        only_declared = repeat_stem_over_channels(weights, keys.keys_to_in_proj[:1], 2)
+        path = tmp_path / f"{type(single).__name__}.pth"
+        torch.save({"network_weights": only_declared}, path)
+        with pytest.raises(AssertionError, match="shape"):  # the defect: nnU-Net's loader refuses the rest
+            load_pretrained_weights(double, str(path))
+        torch.save({"network_weights": repeat_stem_over_channels(weights, names, 2)}, path)
+        load_pretrained_weights(double, str(path))
+        loaded = double.get_submodule(keys.keys_to_in_proj[0]).weight
+        torch.testing.assert_close(loaded.sum(1, keepdim=True), weights[f"{keys.keys_to_in_proj[0]}.weight"])
 
 
 def test_pctnet_sizes_are_defined_once():
@@ -376,7 +416,13 @@ def test_two_channel_dataset_gets_plans_and_weights_with_a_two_channel_stem(tmp_
     assert f"train with -pretrained_weights {converted}" in capsys.readouterr().out
     plans = json.loads((folder / "nnUNetPlans_VF.json").read_text())
     assert plans["pretrain_info"]["input_channel_adaptation"]["weights"] == str(converted.resolve())
-    assert plans["pretrain_info"]["pretrained_weights"] == str((pretrain / "checkpoint_final.pth").resolve())
+    info = plans["pretrain_info"]
+    assert info["pretrained_weights"] == str(converted.resolve())  # the file to give -pretrained_weights
+    # nnU-Net master's fields: the checkpoint as pretrained (single-channel) and its channel count
+    assert info["checkpoint_path"] == str((pretrain / "checkpoint_final.pth").resolve())
+    assert info["pt_num_in_channels"] == 1 and info["keys_to_in_proj"] == ["stem.proj"]
+    embedded = torch.load(converted, weights_only=True)["nnssl_adaptation_plan"]
+    assert embedded["pretrain_num_input_channels"] == 2  # the _2ch file describes itself
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"] * 2
     adapted = PCTNet(2, 5, features_per_stage=SMALL).eval()
     adapted.load_state_dict(torch.load(converted, weights_only=True)["network_weights"])  # same shapes everywhere

@@ -56,6 +56,9 @@ def test_pretrain_outputs_and_exact_resume(pretrained, pretrain_inputs, hippo_da
     assert final["iteration"] == 5
     net = PCTNet(1, 5, features_per_stage=[int(f) for f in SMALL])
     net.load_state_dict(final["network_weights"])  # exactly the PCTNet layout
+    from test_nnssl_interop import read_like_nnunet_master
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):  # nnU-Net master's nnssl route reads both
+        assert read_like_nnunet_master(out / name)["pretrain_patch_size"] == [16, 32, 32]
     latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)  # RNG states as plain lists too
     assert latest["logs"]["iteration"] == [2, 3, 4, 5]
     assert latest["logs"]["train_iteration"] == [1, 2, 3, 4, 5]  # the loss curve has more points than validation
@@ -165,33 +168,13 @@ def test_pretrain_plans_network(pretrain_inputs, hippo_dataset, tmp_path):
     assert all(weights[k].shape == v.shape for k, v in own.items() if ".seg_layers." not in k)
 
 
-TWO_CHANNEL_ID = 944
-
-
 @pytest.mark.slow
-def test_two_channel_dataset_finetunes_from_single_channel_pretraining(pretrained, hippo_dataset, shared_dir,
-                                                                        tmp_path):
+def test_two_channel_dataset_finetunes_from_single_channel_pretraining(pretrained, two_channel_hippo, tmp_path):
     """Real hippocampus MRI as channel 0 and its square root (another contrast of the same anatomy) as
     channel 1; adapt_plans writes 2-channel plans and weights; stock preprocess / train / predict run on them."""
     import SimpleITK as sitk
-    env = hippo_dataset["env"]
-    name = f"Dataset{TWO_CHANNEL_ID:03d}_HippoTwoChannels"
-    raw = Path(env["nnUNet_raw"]) / name
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    source = hippo_dataset["raw"]
-    cases = sorted(p.name[:-len(".nii.gz")] for p in (source / "labelsTr").glob("*.nii.gz"))[:8]
-    for case in cases:
-        image = sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"), sitk.sitkFloat32)
-        sitk.WriteImage(image, str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(sitk.Sqrt(sitk.Abs(image)), str(raw / "imagesTr" / f"{case}_0001.nii.gz"))
-        shutil.copy2(source / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
-    dataset_json = json.loads((source / "dataset.json").read_text())
-    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "channel_names": {"0": "MRI", "1": "sqrtMRI"},
-                                                  "numTraining": len(cases), "name": "HippoTwoChannels"}))
-    did = str(TWO_CHANNEL_ID)
-    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "-np", "1", "--no_pp"], env,
-               echo=False)
+    env, did, name, raw, cases = (two_channel_hippo[k] for k in ("env", "id", "name", "raw", "cases"))
+    did = str(did)
     log = run_nnunet(["nnUNetv2_vf_adapt_plans", "-d", did, "-a", pretrained["dir"] / "adaptation_plan.json",
                       "-p", PLANS], env, echo=False)
     weights = pretrained["dir"] / "checkpoint_final_2ch.pth"

@@ -166,7 +166,7 @@ def test_fusion_knobs_are_recorded_and_used(tmp_path, images):
     config = json.loads((out / "config.json").read_text())
     assert config["vf_classes"] == 3 and config["vf_boxes"] == [2, 4] and config["vf_foreground_ratio"] == 0.7
     plan = json.loads((out / "adaptation_plan.json").read_text())
-    assert plan["format"] == "nnunetv2_vf.adaptation_plan/3" and plan["pctnet_table_layout"] == "centre-v2"
+    assert plan["format"] == "nnunetv2_vf.adaptation_plan/4" and plan["pctnet_table_layout"] == "centre-v2"
     assert plan["volume_fusion"] == {"variant": "paper", "num_classes": 3, "num_boxes": [2, 4],
                                      "box_fraction_min": [0.125, 0.0625, 0.0625], "box_fraction_max": [0.625] * 3,
                                      "foreground_ratio": 0.7, "block_fraction_min": [0.078125, 0.0625, 0.0625],

@@ -19,6 +19,7 @@ Differences from the authors' module, all deliberate:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from functools import lru_cache
 from typing import Mapping, Optional, Sequence
@@ -56,8 +57,8 @@ def pctnet_strides(resolution_mode: int) -> list[list[int]]:
 
 def required_divisibility(resolution_mode: int) -> tuple[int, int, int]:
     """Patch sides (D, H, W) must be multiples of these: the total down-sampling per axis."""
-    total = torch.tensor(pctnet_strides(resolution_mode)).prod(0)
-    return tuple(int(t) for t in total)
+    strides = pctnet_strides(resolution_mode)
+    return tuple(math.prod(s[axis] for s in strides) for axis in range(3))
 
 
 def fit_patch_size(patch_size: Sequence[int], resolution_mode: int) -> list[int]:

@@ -16,8 +16,9 @@ from nnunetv2_vf.architectures.pctnet import (PAPER_FEATURES, TABLE_LAYOUT_FIX, 
                                               table_layout_record)
 from nnunetv2_vf.checkpoint_io import atomic_write, refuse_nnunet_own_plans, refuse_overwrite, save_torch
 from nnunetv2_vf.plans import effective_configuration
-from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan
+from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan, build_network, input_projection_keys
 from nnunetv2_vf.pretrain.dataset import CT_WINDOW, Preprocessing
+from nnunetv2_vf.pretrain.nnssl_format import nnssl_checkpoint_fields
 
 __all__ = ["load_adaptation_plan", "adapted_plans", "adapt_plans", "convert_misfm_checkpoint",
            "MISFM_ADAPTATION_PLAN", "repeat_stem_over_channels", "write_multichannel_weights",
@@ -71,26 +72,45 @@ def adapted_plans(plans: dict, plan: AdaptationPlan | dict, configuration: str, 
         props = pre.get("intensity_properties") or Preprocessing("CT").ct_intensity_properties
         plans["foreground_intensity_properties_per_channel"] = {str(i): dict(props) for i in range(n_channels)}
 
-    arch = plan.architecture_plans
-    arch_kwargs = copy.deepcopy(arch["arch_kwargs"])
-    strides = arch_kwargs.get("strides")
+    architecture = plan.nnunet_architecture()
+    strides = architecture["arch_kwargs"].get("strides")
     patch = list(effective["patch_size"]) if keep_patch_size else list(plan.patch_size)
     if strides is not None:
         import numpy as np
         div = np.prod(np.vstack(strides), axis=0)
         patch = [int(-(-int(p) // int(d)) * int(d)) for p, d in zip(patch, div)]
     cfg["patch_size"] = patch
-    cfg["architecture"] = {"network_class_name": arch["arch_class_name"], "arch_kwargs": arch_kwargs,
-                           "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import", []))}
-    # upstream nnU-Net (master) records where pretrained weights came from in a 'pretrain_info' block
-    plans["pretrain_info"] = {"method": "Volume Fusion (MIS-FM)", "source": "nnunetv2_vf",
-                              "adaptation_plan": plan.to_dict(), "configuration": configuration}
+    cfg["architecture"] = architecture
+    plans["pretrain_info"] = pretrain_info(plan, configuration)
     return plans
+
+
+def pretrain_info(plan: AdaptationPlan, configuration: str, checkpoint: Optional[Path] = None) -> dict:
+    """The plans' ``pretrain_info`` block. nnU-Net master's nnssl route writes one too; its fields are used here
+    with their meaning (``checkpoint_path``: the pretrained checkpoint, single-channel as pretrained; ``key_to_*``;
+    ``pt_num_in_channels``, ``pt_used_patchsize``, ``pt_recommended_downstream_patchsize``; ``citations``). This
+    plugin's own: ``source``, ``method``, ``configuration``, ``adaptation_plan`` (the whole record) and
+    ``pretrained_weights`` (the file to give ``-pretrained_weights``: for a multi-channel dataset the adapted
+    ``_<C>ch.pth``, see ``input_channel_adaptation``)."""
+    from nnunetv2_vf.pretrain.nnssl_format import CITATIONS
+    nnssl_source = (plan.source or {}).get("format") == "nnssl"
+    info = {"method": f"nnssl pretraining ({plan.trainer_name})" if nnssl_source else "Volume Fusion (MIS-FM)",
+            "source": "nnunetv2_vf", "adaptation_plan": plan.to_dict(), "configuration": configuration,
+            "key_to_encoder": plan.key_to_encoder, "key_to_stem": plan.key_to_stem,
+            "keys_to_in_proj": list(plan.keys_to_in_proj), "key_to_lpe": plan.key_to_lpe,
+            "pt_num_in_channels": plan.pretrain_num_input_channels, "pt_used_patchsize": list(plan.patch_size),
+            "pt_recommended_downstream_patchsize": list(plan.recommended_downstream_patchsize or plan.patch_size),
+            "citations": [] if nnssl_source else copy.deepcopy(CITATIONS)}
+    if checkpoint is not None:
+        info.update(checkpoint_path=str(Path(checkpoint).resolve()), checkpoint_name=Path(checkpoint).parent.name,
+                    pretrained_weights=str(Path(checkpoint).resolve()))
+    return info
 
 
 def repeat_stem_over_channels(weights: dict, keys_to_in_proj, channels: int) -> dict:
     """Pure function: ``weights`` (a state dict) whose single-channel input projections ``keys_to_in_proj`` take
-    ``channels`` inputs, by :data:`INPUT_CHANNEL_RULE`; every other tensor is shared, not copied."""
+    ``channels`` inputs, by :data:`INPUT_CHANNEL_RULE`; every other tensor is shared, not copied. Give every name
+    of a shared projection (:func:`nnunetv2_vf.pretrain.adaptation_plan.input_projection_keys`)."""
     from nnunetv2_vf.architectures.inflate import adapt_input_conv_weight
     out = dict(weights)
     for key in keys_to_in_proj:
@@ -106,6 +126,13 @@ def repeat_stem_over_channels(weights: dict, keys_to_in_proj, channels: int) -> 
         rgb = weight.detach().float().repeat(1, 3, *([1] * (weight.ndim - 2))) / 3
         out[f"{key}.weight"] = adapt_input_conv_weight(rgb, channels).to(weight.dtype)
     return out
+
+
+def plan_input_projections(plan: AdaptationPlan) -> list[str]:
+    """The plan's declared input projections and every other state-dict name of the same parameters, read from the
+    plan's network built on the meta device."""
+    net = build_network(plan.nnunet_architecture())
+    return list(dict.fromkeys([*plan.keys_to_in_proj, *input_projection_keys(net, plan.keys_to_in_proj)]))
 
 
 def multichannel_weights_file(weights_file: str | os.PathLike, channels: int) -> Path:
@@ -130,7 +157,7 @@ def write_multichannel_weights(weights_file: str | os.PathLike, plan: Adaptation
                          f"nnUNetv2_vf_pretrain or the file nnUNetv2_vf_convert_misfm wrote, with -w")
     check_table_layout(ckpt, f"pretrained weights {weights_file}",
                        f"{TABLE_LAYOUT_FIX}, then run nnUNetv2_vf_adapt_plans with the new adaptation_plan.json")
-    weights = repeat_stem_over_channels(ckpt["network_weights"], plan.keys_to_in_proj, channels)
+    weights = repeat_stem_over_channels(ckpt["network_weights"], plan_input_projections(plan), channels)
     target = multichannel_weights_file(weights_file, channels)
     if target.exists() and not overwrite and _same_weights(target, weights):
         return target  # written by an earlier adaptation of the same weights: nothing to change
@@ -139,7 +166,8 @@ def write_multichannel_weights(weights_file: str | os.PathLike, plan: Adaptation
                      f"stem; move it away")
     save_torch({**{k: v for k, v in ckpt.items() if k in ("trainer_name", "architecture")},
                 "network_weights": weights, "input_channel_adaptation": INPUT_CHANNEL_RULE,
-                **table_layout_record(weights)}, target, "converted weights")
+                **table_layout_record(weights), **nnssl_checkpoint_fields(plan, channels)}, target,
+               "converted weights")
     return target
 
 
@@ -194,7 +222,7 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
     if weights_file or source_weights.is_file():
         # the file -pretrained_weights should name: the fine-tuning safeguards quote it when another one is given
-        new["pretrain_info"]["pretrained_weights"] = str(source_weights.resolve())
+        new["pretrain_info"] = pretrain_info(plan, configuration, source_weights)
     if channels != plan.pretrain_num_input_channels:
         if not source_weights.is_file():
             raise FileNotFoundError(f"the dataset has {channels} input channels, so the pretrained weights get a "
@@ -204,6 +232,7 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
         new["pretrain_info"]["input_channel_adaptation"] = {"rule": INPUT_CHANNEL_RULE, "channels": channels,
                                                             "source_weights": str(source_weights.resolve()),
                                                             "weights": str(converted.resolve())}
+        new["pretrain_info"]["pretrained_weights"] = str(converted.resolve())
     atomic_write(target, lambda f: f.write(json.dumps(new, indent=2).encode()), "plans")
     return target, converted
 
@@ -245,9 +274,6 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
                          ) from e
     target.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    # the authors' tables are read as they are (load_misfm_weights places shrunken ones at the centre): this layout
-    save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted", **table_layout_record(weights)},
-               target, "converted weights")
     patch = fit_patch_size((64, 128, 128), resolution_mode)
     plan = AdaptationPlan.for_network(
         {"network_class_name": f"{PCTNet.__module__}.{PCTNet.__name__}",
@@ -255,6 +281,10 @@ def convert_misfm_checkpoint(source: str | os.PathLike, target: str | os.PathLik
                          "strides": pctnet_strides(resolution_mode)},
          "_kw_requires_import": []},
         pretrain_num_input_channels=in_channels, patch_size=patch, recommended_downstream_patchsize=list(patch),
-        weights_file=target.name, **copy.deepcopy(MISFM_ADAPTATION_PLAN))
+        weights_file=target.name, source={"format": "MIS-FM PCT-Net", "file": str(Path(source).resolve())},
+        **copy.deepcopy(MISFM_ADAPTATION_PLAN))
+    # the authors' tables are read as they are (load_misfm_weights places shrunken ones at the centre): this layout
+    save_torch({"network_weights": weights, "trainer_name": "misfm_pctnet_converted", **table_layout_record(weights),
+                **nnssl_checkpoint_fields(plan)}, target, "converted weights")
     plan.save(plan_file)
     return {**plan.to_dict(), "written_to": str(plan_file.resolve())}

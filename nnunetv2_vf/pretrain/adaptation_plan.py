@@ -8,9 +8,9 @@ of either finds the same things here. Plans of formats 1 and 2 still load, excep
 relative-position tables (PCT-Net): format 3 records the tables' layout (``pctnet_table_layout``), and a PCT-Net plan
 without it describes weights this version would compute differently with, so it is refused.
 
-Which state-dict keys are a network's stem, encoder and input projection is declared by the network: class
-attributes ``key_to_stem``, ``key_to_encoder`` and ``keys_to_in_proj`` (PCTNet has them), or, for nnU-Net's own
-networks that cannot carry them, :data:`NNUNET_NETWORK_KEYS`.
+Which state-dict keys are a network's stem, encoder and input projection is declared by the network itself:
+attributes ``key_to_stem``, ``key_to_encoder``, ``keys_to_in_proj`` (and ``key_to_lpe``), class attributes in PCTNet,
+instance attributes in dynamic-network-architectures >= 0.4 (PlainConvUNet, ResidualEncoderUNet).
 """
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["AdaptationPlan", "AdaptationPlanError", "NetworkKeys", "network_keys", "network_table_layout",
-           "NNUNET_NETWORK_KEYS", "FORMAT", "FORMAT_V1", "FORMAT_V2", "READABLE_FORMATS", "PLAN_FILE_NAME"]
+           "build_network", "input_projection_keys", "FORMAT", "FORMAT_V1", "FORMAT_V2", "READABLE_FORMATS", "PLAN_FILE_NAME"]
 
 FORMAT_V1 = "nnunetv2_vf.adaptation_plan/1"
 FORMAT_V2 = "nnunetv2_vf.adaptation_plan/2"  # added weights_file
-FORMAT = "nnunetv2_vf.adaptation_plan/3"  # added pctnet_table_layout
-READABLE_FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
+FORMAT_V3 = "nnunetv2_vf.adaptation_plan/3"  # added pctnet_table_layout
+FORMAT = "nnunetv2_vf.adaptation_plan/4"  # added key_to_lpe, pretrained_tensors, source
+READABLE_FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT_V3, FORMAT)
 PLAN_FILE_NAME = "adaptation_plan.json"
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
 _FIX = "regenerate it with nnUNetv2_vf_pretrain (or nnUNetv2_vf_convert_misfm), or repair the field by hand"
@@ -41,41 +42,78 @@ class AdaptationPlanError(ValueError):
 @dataclass(frozen=True)
 class NetworkKeys:
     """State-dict prefixes of a network's parts: the stem (whose first conv sees the input channels), the encoder
-    (what encoder-only loading keeps) and the convolutions that take the input image."""
+    (what encoder-only loading keeps), the convolutions that take the input image, and a learnable positional
+    embedding (None for convolutional networks). The names are dynamic-network-architectures' (>= 0.4) and nnssl's."""
     key_to_stem: str
     key_to_encoder: str
     keys_to_in_proj: tuple[str, ...]
+    key_to_lpe: Optional[str] = None
 
 
-# nnU-Net's networks (dynamic_network_architectures) cannot declare their keys themselves: one table, here.
-NNUNET_NETWORK_KEYS = {
-    "dynamic_network_architectures.architectures.unet.PlainConvUNet":
-        NetworkKeys("encoder.stages.0", "encoder", ("encoder.stages.0.0.convs.0.conv",)),
-    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet":
-        NetworkKeys("encoder.stem", "encoder", ("encoder.stem.convs.0.conv",)),
-}
+_KEY_ATTRIBUTES = ("key_to_stem", "key_to_encoder", "keys_to_in_proj")
 
 
-def network_keys(arch_class_name: str) -> NetworkKeys:
-    """The keys ``arch_class_name`` declares (class attributes), else those of :data:`NNUNET_NETWORK_KEYS`."""
-    short = arch_class_name.split(".")[-1]
-    for name, keys in NNUNET_NETWORK_KEYS.items():
-        if arch_class_name == name or short == name.split(".")[-1]:
-            return keys
-    cls = pydoc.locate(arch_class_name)
-    if cls is not None and all(hasattr(cls, a) for a in ("key_to_stem", "key_to_encoder", "keys_to_in_proj")):
-        return NetworkKeys(cls.key_to_stem, cls.key_to_encoder, tuple(cls.keys_to_in_proj))
-    raise ValueError(f"network {arch_class_name} does not declare its stem, encoder and input-projection keys: give "
-                     f"the class the attributes key_to_stem, key_to_encoder and keys_to_in_proj (as PCTNet does), "
-                     f"or add it to nnunetv2_vf.pretrain.adaptation_plan.NNUNET_NETWORK_KEYS")
+def _declared(obj) -> Optional[NetworkKeys]:
+    """The keys ``obj`` (a network class or instance) declares as attributes, or None."""
+    if all(isinstance(getattr(obj, a, None), (str, tuple, list)) for a in _KEY_ATTRIBUTES):
+        return NetworkKeys(obj.key_to_stem, obj.key_to_encoder, tuple(obj.keys_to_in_proj),
+                           getattr(obj, "key_to_lpe", None))
+    return None
+
+
+def _undeclared(name: str) -> ValueError:
+    return ValueError(f"network {name} does not declare its stem, encoder and input-projection keys: give it the "
+                      f"attributes key_to_stem, key_to_encoder and keys_to_in_proj (as PCTNet and "
+                      f"dynamic-network-architectures >= 0.4 networks do)")
+
+
+def build_network(architecture: dict, input_channels: int = 1, output_channels: int = 2,
+                  device: str = "meta") -> "torch.nn.Module":
+    """The network of an nnU-Net ``architecture`` block (``network_class_name``, ``arch_kwargs``,
+    ``_kw_requires_import``), with deep supervision, not initialised; on the meta device by default, where building
+    even a 100M-parameter network allocates nothing (for reading its declared keys and its parameter sharing)."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    with torch.device(device):
+        return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                      architecture.get("_kw_requires_import", []), input_channels, output_channels,
+                                      allow_init=False, deep_supervision=True)
+
+
+def network_keys(network) -> NetworkKeys:
+    """The keys a network declares: ``network`` is an instance, an nnU-Net ``architecture`` block (class attributes
+    such as PCTNet's, else the attributes dynamic-network-architectures sets in ``__init__``, read from the network
+    built on the meta device) or a class name (class attributes only)."""
+    import torch
+    if isinstance(network, torch.nn.Module):
+        keys = _declared(network)
+        if keys is None:
+            raise _undeclared(f"{type(network).__module__}.{type(network).__qualname__}")
+        return keys
+    name = network["network_class_name"] if isinstance(network, dict) else network
+    cls = pydoc.locate(name)
+    keys = _declared(cls) if cls is not None else None
+    if keys is None and isinstance(network, dict) and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        keys = _declared(build_network(network))
+    if keys is None:
+        raise _undeclared(name)
+    return keys
+
+
+def input_projection_keys(network: "torch.nn.Module", keys_to_in_proj) -> list[str]:
+    """Every state-dict prefix whose ``weight`` is the same parameter as a declared input projection's, found by
+    identity, not by name: nnU-Net's U-Nets list their first convolution four times (``encoder.stages.0.0.convs.0.conv``,
+    its ``all_modules.0`` and the decoder's two ``decoder.encoder.*`` references), and all of them must change shape
+    together."""
+    targets = {id(network.get_submodule(k).weight) for k in keys_to_in_proj}
+    return [k[: -len(".weight")] for k, v in network.state_dict(keep_vars=True).items()
+            if k.endswith(".weight") and id(v) in targets]
 
 
 def network_table_layout(arch_class_name: str) -> Optional[str]:
     """The relative-position table layout ``arch_class_name`` declares (class attribute ``table_layout``: PCTNet's
     ``pctnet.TABLE_LAYOUT``), or None: a network without such tables (nnU-Net's own) or a class not importable
     here."""
-    if any(arch_class_name == name for name in NNUNET_NETWORK_KEYS):
-        return None
     try:
         cls = pydoc.locate(arch_class_name)
     except pydoc.ErrorDuringImport:
@@ -116,6 +154,11 @@ class AdaptationPlan:
     weights_file: Optional[str] = None  # the weights' file name, next to the plan (format 2; format 1 had none)
     # pctnet.TABLE_LAYOUT for a network with relative-position tables, None for one without (format 3)
     pctnet_table_layout: Optional[str] = None
+    key_to_lpe: Optional[str] = None  # a learnable positional embedding's key (nnssl's field; format 4)
+    # which tensors of the weights are pretrained, when not all are (an encoder-only nnssl checkpoint completed with
+    # a seeded fresh decoder): {"pretrained": prefixes, "fresh": prefixes, "fresh_init_seed": int} (format 4)
+    pretrained_tensors: Optional[dict] = None
+    source: Optional[dict] = None  # where converted weights came from: {"format": ..., "file": ..., ...} (format 4)
     format: str = FORMAT
 
     # ------------------------------------------------------------------ construction
@@ -123,14 +166,21 @@ class AdaptationPlan:
     def for_network(cls, architecture: dict, **values) -> "AdaptationPlan":
         """A plan for an nnU-Net ``architecture`` block (``network_class_name``, ``arch_kwargs``,
         ``_kw_requires_import``); the keys and the table layout come from the network's own declaration."""
-        keys = network_keys(architecture["network_class_name"])
+        keys = network_keys(architecture)
         values.setdefault("pctnet_table_layout", network_table_layout(architecture["network_class_name"]))
         return cls(architecture_plans={"arch_class_name": architecture["network_class_name"],
                                        "arch_kwargs": copy.deepcopy(architecture["arch_kwargs"]),
                                        "arch_kwargs_requiring_import": list(architecture.get("_kw_requires_import",
                                                                                              []))},
                    key_to_encoder=keys.key_to_encoder, key_to_stem=keys.key_to_stem,
-                   keys_to_in_proj=list(keys.keys_to_in_proj), **values).validate()
+                   keys_to_in_proj=list(keys.keys_to_in_proj), key_to_lpe=keys.key_to_lpe, **values).validate()
+
+    def nnunet_architecture(self) -> dict:
+        """``architecture_plans`` as nnU-Net's plans spell it (``network_class_name``, ``arch_kwargs``,
+        ``_kw_requires_import``)."""
+        arch = self.architecture_plans
+        return {"network_class_name": arch["arch_class_name"], "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
+                "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str = "(in memory)") -> "AdaptationPlan":

@@ -76,12 +76,14 @@ class CheckpointStore:
         """``state`` (with ``network_weights``) plus the layout of its relative-position tables, if any."""
         save_torch({**state, **table_layout_record(state["network_weights"])}, self.latest, "checkpoint")
 
-    def save_final(self, network_weights: dict, iteration: int, architecture: dict) -> None:
-        """What nnU-Net's ``-pretrained_weights`` and the adaptation tools read."""
+    def save_final(self, network_weights: dict, iteration: int, architecture: dict,
+                   extra: Optional[dict] = None) -> None:
+        """What nnU-Net's ``-pretrained_weights`` and the adaptation tools read; ``extra``: more plain fields (the
+        embedded nnssl adaptation plan)."""
         final = {"network_weights": {k: v.detach().cpu().clone() for k, v in network_weights.items()},
                  "trainer_name": "nnUNetv2_vf_pretrain", "current_epoch": int(iteration),
                  "iteration": int(iteration), "architecture": plain(architecture),
-                 **table_layout_record(network_weights)}
+                 **table_layout_record(network_weights), **(extra or {})}
         save_torch(final, self.final, "final checkpoint")
 
 

@@ -1,4 +1,5 @@
-"""Console scripts: ``nnUNetv2_vf_pretrain``, ``nnUNetv2_vf_adapt_plans``, ``nnUNetv2_vf_convert_misfm``."""
+"""Console scripts: ``nnUNetv2_vf_pretrain``, ``nnUNetv2_vf_adapt_plans``, ``nnUNetv2_vf_convert_misfm``,
+``nnUNetv2_vf_convert_nnssl``."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES
 
-__all__ = ["pretrain_main", "adapt_plans_main", "convert_misfm_main"]
+__all__ = ["pretrain_main", "adapt_plans_main", "convert_misfm_main", "convert_nnssl_main"]
 
 
 def _user_errors(main):
@@ -203,6 +204,38 @@ def convert_misfm_main(argv=None) -> None:
     plan = convert_misfm_checkpoint(a.input, a.output, a.features, a.resolution_mode, a.overwrite)
     print(f"wrote {os.path.abspath(a.output)} (the converted weights: -pretrained_weights)")
     print(f"wrote {plan['written_to']} (its adaptation plan: nnUNetv2_vf_adapt_plans -a)")
+
+
+@_user_errors
+def convert_nnssl_main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_vf_convert_nnssl",
+        description="Convert an nnssl pretraining checkpoint (MIC-DKFZ/nnssl: network_weights + the embedded "
+                    "nnssl_adaptation_plan; ResEnc-L and dynamic-network-architectures U-Nets) into "
+                    "OUTPUT_DIR/checkpoint_final.pth (an nnU-Net -pretrained_weights file holding the whole U-Net) "
+                    "and OUTPUT_DIR/adaptation_plan.json (for nnUNetv2_vf_adapt_plans). An encoder-only checkpoint "
+                    "(nnssl's contrastive methods) gets a seeded fresh decoder; the plan records which tensors are "
+                    "pretrained.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("input", help="the nnssl checkpoint file (e.g. checkpoint_final.pth of an nnssl run)")
+    p.add_argument("output_dir", help="folder for checkpoint_final.pth and adaptation_plan.json (created)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fresh initialisation of what the checkpoint lacks (its decoder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint_final.pth / adaptation_plan.json in OUTPUT_DIR")
+    a = p.parse_args(argv)
+    from nnunetv2_vf.pretrain.nnssl_format import convert_nnssl_checkpoint
+    report = convert_nnssl_checkpoint(a.input, a.output_dir, a.seed, a.overwrite)
+    print(f"{report['network']}: {report['pretrained']} tensors from the checkpoint, {report['fresh']} initialised "
+          f"fresh (seed {a.seed}; the segmentation heads always are)" +
+          (", the decoder among them: the checkpoint holds an encoder only" if report["encoder_only"] else "") +
+          (f"; {len(report['unused'])} checkpoint tensors not part of the U-Net left out (e.g. "
+           f"{report['unused'][0]})" if report["unused"] else ""))
+    print(f"wrote {report['weights']} (the converted weights: -pretrained_weights)")
+    print(f"wrote {report['adaptation_plan']} (its adaptation plan: nnUNetv2_vf_adapt_plans -a)")
+    print(f"next: nnUNetv2_vf_adapt_plans -d DATASET -a {report['adaptation_plan']} -p nnUNetPlans_nnssl; "
+          f"nnUNetv2_preprocess -d DATASET -plans_name nnUNetPlans_nnssl -c 3d_fullres; nnUNetv2_train DATASET "
+          f"3d_fullres FOLD -tr VFPlansNetworkTrainer -p nnUNetPlans_nnssl -pretrained_weights {report['weights']}")
 
 
 if __name__ == "__main__":

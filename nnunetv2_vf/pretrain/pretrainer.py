@@ -31,6 +31,7 @@ from nnunetv2_vf.pretrain.config import (FUSION_SETTINGS, RESUMABLE_SETTINGS, Pr
 from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
                                           crop_or_pad, detect_modality, find_images)
 from nnunetv2_vf.pretrain.distributed import Distributed
+from nnunetv2_vf.pretrain.nnssl_format import nnssl_checkpoint_fields
 from nnunetv2_vf.pretrain.loop import Optimisation, build_loss, deep_supervision_scales, evaluate, train_step
 from nnunetv2_vf.pretrain.progress import PLATEAU_RISE, empty_logs, late_rise, log_line, plot_progress, train_log_every
 from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform, grid_source_shape, volume_fusion
@@ -68,14 +69,14 @@ def build_network(cfg: PretrainConfig) -> tuple[nn.Module, dict, list[int]]:
             raise ValueError(f"patch {patch} is not divisible by the plans network's total stride {div.tolist()}")
     else:
         raise ValueError(f"--network must be 'pctnet' or 'plans', got {cfg.network!r}")
-    keys = network_keys(arch["network_class_name"])  # an undeclared network fails now, not at export
     net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                  1, int(cfg.vf_classes), allow_init=True, deep_supervision=True)
+    keys = network_keys(net)  # an undeclared network fails now, not at export
     weights = net.state_dict()
     missing = [k for k in keys.keys_to_in_proj if f"{k}.weight" not in weights]
     if missing:
         raise ValueError(f"{arch['network_class_name']} declares input projection(s) {missing} that its state dict "
-                         f"lacks; correct its keys_to_in_proj (or its entry in NNUNET_NETWORK_KEYS)")
+                         f"lacks; correct its keys_to_in_proj")
     return net, arch, patch
 
 
@@ -237,7 +238,14 @@ class VFPretrainer:
             "network_weights": self.network.state_dict(), **self.optimisation.state(),
             "iteration": self.iteration, "logs": self.logs,
             "rng_state": rng_state(self.loader.rng, self.vf_transform._rng),
-            "config": asdict(self.cfg), "input_files": self.manifest, "architecture": plain(self.architecture)})
+            "config": asdict(self.cfg), "input_files": self.manifest, "architecture": plain(self.architecture),
+            **self.nnssl_fields()})
+
+    def nnssl_fields(self) -> dict:
+        """The nnssl-shaped adaptation plan every checkpoint embeds (nnU-Net master reads it); computed once."""
+        if getattr(self, "_nnssl_fields", None) is None:
+            self._nnssl_fields = nnssl_checkpoint_fields(self.adaptation_plan())
+        return self._nnssl_fields
 
     def _load_checkpoint(self, ckpt: dict) -> None:
         self.network.load_state_dict(ckpt["network_weights"])
@@ -278,7 +286,7 @@ class VFPretrainer:
     def export_final(self) -> None:
         if self.rank != 0:
             return
-        self.store.save_final(self.network.state_dict(), self.iteration, self.architecture)
+        self.store.save_final(self.network.state_dict(), self.iteration, self.architecture, self.nnssl_fields())
         # only now: an adaptation plan must always describe a network that exists
         self.adaptation_plan().save(self.output_dir / "adaptation_plan.json")
 

@@ -37,15 +37,15 @@ def encoder_modules(network: nn.Module) -> list[nn.Module]:
     """The modules that a pretraining run transfers as "the encoder" (everything else is decoder or classifier).
 
     The network declares them (:func:`nnunetv2_vf.pretrain.adaptation_plan.network_keys`: its ``key_to_stem`` and
-    ``key_to_encoder``; nnU-Net's PlainConvUNet / ResidualEncoderUNet through that module's table): PCT-Net's
-    multi-scale stem and PCT encoder (``stem.``, ``encoder.``), nnU-Net's ``encoder.`` (which holds its stem).
+    ``key_to_encoder``): PCT-Net's multi-scale stem and PCT encoder (``stem.``, ``encoder.``), nnU-Net's
+    ``encoder.stages`` (PlainConvUNet's stem is its stage 0) and ResidualEncoderUNet's ``encoder.stem``.
     """
     from nnunetv2_vf.pretrain.adaptation_plan import network_keys
 
     net = unwrap_network(network)
     cls = type(net)
     try:
-        keys = network_keys(f"{cls.__module__}.{cls.__qualname__}")
+        keys = network_keys(net)
         return [net.get_submodule(k) for k in dict.fromkeys((keys.key_to_stem, keys.key_to_encoder))]
     except (ValueError, AttributeError) as e:
         raise TypeError(f"the fine-tuning options (_encoderOnly, _freezeEncoder, _encoderLr) need to know which "

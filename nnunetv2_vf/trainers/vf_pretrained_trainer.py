@@ -24,7 +24,7 @@ from nnunetv2_vf.trainers.variants import NoMirroring, TrainingBudget
 
 __all__ = ["VFPretrainedTrainer", "VFPretrainedTrainer_small_2epochs", "VFPretrainedTrainer_small_10epochs",
            "VFPretrainedTrainer_small_3epochs", "VFPretrainedTrainer_small_1x15", "VFPretrainedTrainer_small_2x15",
-           "VFPretrainedTrainer_small_4x15", "VFPretrainedTrainer_small_40x15",
+           "VFPretrainedTrainer_small_4x15", "VFPretrainedTrainer_small_40x15", "VFPretrainedTrainer_small_80x15",
            "VFPretrainedTrainer_100epochs", "check_pretrained_compatibility"]
 
 
@@ -86,6 +86,13 @@ class VFPretrainedTrainer_small_40x15(VFPretrainedTrainer_small_10epochs):
     pseudo Dice that shows whether the run has flattened out)."""
 
     budget = (40, 15, 5)
+
+
+class VFPretrainedTrainer_small_80x15(VFPretrainedTrainer_small_10epochs):
+    """Head-start study, converged setting: 80 epochs x 15 iterations, 5 validation batches per epoch (the budget at
+    which scratch's per-epoch pseudo Dice is tested for a plateau)."""
+
+    budget = (80, 15, 5)
 
 
 class VFPretrainedTrainer_100epochs(TrainingBudget, VFPretrainedTrainer):
