@@ -41,8 +41,8 @@ and the validation workers, and about 2.2 s per validation case (sliding window,
   ``pretrain_iterations`` x about 0.5 s).  Five seeds rather than 20 validation cases: at these budgets the
   seed-to-seed spread dominates the interval (``nnunetv2_vf.paired_stats``).
 - ``converged``: scratch and pretrained at 600 (40 x 15, ``VFPretrainedTrainer_small_40x15``) and 1200 iterations
-  (80 x 15, ``VFPretrainedTrainer_small_80x15``), seeds 0-2, and the two recipe arms at 600 (pass ``--arms`` and
-  ``--iterations`` to choose): per 600 iterations about 10 single-core minutes, so scratch + pretrained at 1200 are
+  (80 x 15, ``VFPretrainedTrainer_small_80x15``), seeds 0-2, and ``pretrained_encoderLr0p1`` at 600 (pass ``--arms``
+  and ``--iterations`` to choose): per 600 iterations about 10 single-core minutes, so scratch + pretrained at 1200 are
   6 x 20 = about 120 single-core minutes.  The report says whether scratch's curve at the longest budget has
   flattened out.
 - ``smoke``: a few minutes, checks the pipeline, no conclusion: 4-iteration pretraining, budgets 15 and 30
@@ -88,7 +88,7 @@ SETTINGS = {
                 budgets=BUDGETS, arms=["scratch", "pretrained", *HEAD_START_ARMS], device="cpu", **PRETRAIN),
     "converged": dict(dataset="Dataset004_Hippocampus", labelled=2, held_out=20, val_cases=10, seeds=[0, 1, 2],
                       budgets={600: "VFPretrainedTrainer_small_40x15", 1200: "VFPretrainedTrainer_small_80x15"},
-                      arms=["scratch", "pretrained", *HEAD_START_ARMS], device="cpu", **PRETRAIN),
+                      arms=["scratch", "pretrained", "pretrained_encoderLr0p1"], device="cpu", **PRETRAIN),
     "smoke": dict(dataset="Dataset004_Hippocampus", labelled=2, held_out=3, val_cases=3, seeds=[0],
                   budgets={15: "VFPretrainedTrainer_small_1x15", 30: "VFPretrainedTrainer_small_2x15"},
                   arms=["scratch", "pretrained", "pretrained_peakLr1em4"], device="cpu",

@@ -44,6 +44,20 @@ def hippo_dataset(nnunet_env, shared_dir) -> dict:
     return {"id": HIPPO_ID, "name": f"Dataset{HIPPO_ID:03d}_{HIPPO_NAME}", "raw": raw, "env": nnunet_env}
 
 
+def predict_3d_fold0(images, folder: Path, env: dict, dataset, trainer: str, plans: str) -> Path:
+    """Copy ``images`` into ``folder/in`` and run ``nnUNetv2_predict`` (3d_fullres, fold 0, CPU, no TTA, one worker
+    each) into ``folder/out``; returns that output folder."""
+    import shutil
+    inp, out = folder / "in", folder / "out"
+    inp.mkdir(parents=True)
+    for image in images:
+        shutil.copy2(image, inp / Path(image).name)
+    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", out, "-d", str(dataset), "-c", "3d_fullres", "-f", "0",
+                "-tr", trainer, "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env,
+               echo=False)
+    return out
+
+
 TWO_CHANNEL_ID = 944
 
 

@@ -146,6 +146,10 @@ def test_converted_misfm_weights_and_their_plan_record_the_layout(shared_dir, tm
     plan = convert_misfm_checkpoint(fixture, out, SMALL_FEATURES, 1)
     assert torch.load(out, weights_only=True)[TABLE_LAYOUT_KEY] == TABLE_LAYOUT
     assert plan[TABLE_LAYOUT_KEY] == TABLE_LAYOUT == AdaptationPlan.load(tmp_path).pctnet_table_layout
+    from test_nnssl_interop import read_like_nnunet_master
+    embedded = read_like_nnunet_master(out)  # nnU-Net master's nnssl route reads the converted file too
+    assert next(iter(embedded["pretrain_plan"]["configurations"].values()))["normalization_schemes"] == [
+        "CTNormalization"]  # the authors' CT window, which that route would replace by z-score (docs/interop.md)
     net = PCTNet(1, 3, features_per_stage=SMALL_FEATURES)
     assert check_pretrained_compatibility(net, out) > 100
     _without_record(out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 from nnunetv2_vf.workflow import run_nnunet
 
+from conftest import predict_3d_fold0
 from test_pretrain_e2e import COMMON, SMALL  # the PCT-Net version's pretraining settings
 
 TRAINER = "VFPlansNetworkTrainer_cpu_2epochs"
@@ -71,11 +71,7 @@ def test_plans_network_pretraining_finetunes_a_two_channel_dataset(network, hipp
     model_dir = Path(env["nnUNet_results"]) / two_channel_hippo["name"] / f"{TRAINER}__{plans}__3d_fullres"
     assert json.loads((model_dir / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
         "network_class_name"].endswith(network)
-    inp, outp = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
     case = two_channel_hippo["cases"][0]
-    for f in sorted((two_channel_hippo["raw"] / "imagesTr").glob(f"{case}_*.nii.gz")):
-        shutil.copy2(f, inp / f.name)
-    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
-                "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, echo=False)
+    outp = predict_3d_fold0(sorted((two_channel_hippo["raw"] / "imagesTr").glob(f"{case}_*.nii.gz")), tmp_path, env,
+                            did, TRAINER, plans)
     assert (outp / f"{case}.nii.gz").is_file()

@@ -5,7 +5,6 @@ ResEnc U-Net; an encoder with a projection head, as its contrastive methods writ
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan, network_keys
 from nnunetv2_vf.pretrain.nnssl_format import (NNSSL_PLAN_KEY, NNSSL_PRESETS, convert_nnssl_checkpoint,
                                                nnssl_checkpoint_fields)
 from nnunetv2_vf.workflow import run_nnunet
+
+from conftest import predict_3d_fold0
 
 TINY_RESENC = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
@@ -223,11 +224,7 @@ def test_nnssl_checkpoint_finetunes_through_stock_nnunet(hippo_dataset, tmp_path
     log = run_nnunet(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-p", plans, "-pretrained_weights",
                       tmp_path / "conv" / "checkpoint_final.pth", "-device", "cpu"], env, echo=False)
     assert "Loading pretrained weights" in log
-    inp, outp = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    src = sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[0]
-    shutil.copy2(src, inp / src.name)
-    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0", "-tr", trainer,
-                "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, echo=False)
+    outp = predict_3d_fold0(sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[:1], tmp_path, env, did,
+                            trainer, plans)
     assert len(list(outp.glob("*.nii.gz"))) == 1
     assert network_keys(_tiny_resenc()).key_to_stem == "encoder.stem"

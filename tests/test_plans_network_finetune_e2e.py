@@ -5,7 +5,6 @@ plans --plans nnUNetResEncUNetMPlans.json``), ``nnUNetv2_vf_adapt_plans`` -> ``n
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from nnunetv2_vf.workflow import run_nnunet
 
+from conftest import predict_3d_fold0
 from test_pretrain_e2e import COMMON, SMALL  # the PCT-Net version's pretraining settings
 
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
@@ -72,10 +72,6 @@ def test_resenc_pretrain_adapt_finetune_predict(resenc_pretrained, hippo_dataset
     dec = [k for k, v in pre.items() if k.startswith("decoder.stages.") and v.is_floating_point()]
     assert any(not torch.equal(tuned[k], pre[k]) for k in dec)
 
-    inp, outp = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    src = sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[0]
-    shutil.copy2(src, inp / src.name)
-    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
-                "-p", VF_PLANS, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, echo=False)
+    outp = predict_3d_fold0(sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[:1], tmp_path, env, did,
+                            TRAINER, VF_PLANS)
     assert len(list(outp.glob("*.nii.gz"))) == 1

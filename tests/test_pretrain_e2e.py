@@ -15,6 +15,8 @@ import torch
 from nnunetv2_vf.architectures.pctnet import SMALL_FEATURES, PCTNet
 from nnunetv2_vf.workflow import console_script, run_nnunet
 
+from conftest import predict_3d_fold0
+
 SMALL = [str(f) for f in SMALL_FEATURES]
 COMMON = ["--batch-size", "2", "--patch-size", "16", "32", "32", "--features", *SMALL, "--modality", "MR",
           "--device", "cpu", "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--seed", "7"]
@@ -121,13 +123,8 @@ def test_adapt_plans_finetune_and_predict(pretrained, hippo_dataset, tmp_path):
     random_distance = sum((random_init[k] - pre[k].float()).norm() for k in convs)
     assert moved < 0.1 * random_distance  # fine-tuning started from the pretrained weights
 
-    inp, outp = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    for f in sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[:2]:
-        shutil.copy2(f, inp / f.name)
-    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0",
-                "-tr", "VFPretrainedTrainer_small_2epochs", "-p", PLANS, "-device", "cpu", "--disable_tta",
-                "-npp", "1", "-nps", "1"], env, echo=False)
+    outp = predict_3d_fold0(sorted((hippo_dataset["raw"] / "imagesTr").glob("*.nii.gz"))[:2], tmp_path, env, did,
+                            "VFPretrainedTrainer_small_2epochs", PLANS)
     assert len(list(outp.glob("*.nii.gz"))) == 2
 
 
@@ -191,13 +188,8 @@ def test_two_channel_dataset_finetunes_from_single_channel_pretraining(pretraine
     model_dir = Path(env["nnUNet_results"]) / name / f"VFPretrainedTrainer_small_2epochs__{PLANS}__3d_fullres"
     tuned = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
     assert tuned["stem.proj.weight"].shape[1] == 2
-    inp, outp = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    for f in sorted((raw / "imagesTr").glob(f"{cases[0]}_*.nii.gz")):
-        shutil.copy2(f, inp / f.name)
-    run_nnunet(["nnUNetv2_predict", "-i", inp, "-o", outp, "-d", did, "-c", "3d_fullres", "-f", "0",
-                "-tr", "VFPretrainedTrainer_small_2epochs", "-p", PLANS, "-device", "cpu", "--disable_tta",
-                "-npp", "1", "-nps", "1"], env, echo=False)
+    outp = predict_3d_fold0(sorted((raw / "imagesTr").glob(f"{cases[0]}_*.nii.gz")), tmp_path, env, did,
+                            "VFPretrainedTrainer_small_2epochs", PLANS)
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(outp / f"{cases[0]}.nii.gz")))
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{cases[0]}.nii.gz")))
     assert predicted.shape == label.shape and set(np.unique(predicted)) <= {0, 1, 2}

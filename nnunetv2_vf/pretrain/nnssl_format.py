@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan, build_network, network_keys
+from nnunetv2_vf.pretrain.adaptation_plan import AdaptationPlan, network_keys
 
 __all__ = ["NNSSL_PLAN_KEY", "nnssl_adaptation_plan", "nnssl_checkpoint_fields", "CITATIONS", "NNSSL_PRESETS",
            "architecture_from_nnssl", "convert_nnssl_checkpoint"]
