@@ -42,8 +42,8 @@ and the validation workers, and about 2.2 s per validation case (sliding window,
   seed-to-seed spread dominates the interval (``nnunetv2_vf.paired_stats``).
 - ``converged``: scratch and pretrained at 600 (40 x 15, ``VFPretrainedTrainer_small_40x15``) and 1200 iterations
   (80 x 15, ``VFPretrainedTrainer_small_80x15``), seeds 0-2, and ``pretrained_encoderLr0p1`` at 600 (pass ``--arms``
-  and ``--iterations`` to choose): per 600 iterations about 10 single-core minutes, so scratch + pretrained at 1200 are
-  6 x 20 = about 120 single-core minutes.  The report says whether scratch's curve at the longest budget has
+  and ``--iterations`` to choose): about 10.5 single-core minutes per 600-iteration run and 21 per 1200-iteration run,
+  so scratch + pretrained at 1200 are 6 x 21 = about 128 single-core minutes.  The report says whether scratch's curve at the longest budget has
   flattened out.
 - ``smoke``: a few minutes, checks the pipeline, no conclusion: 4-iteration pretraining, budgets 15 and 30
   iterations, 3 validation cases, one seed, three arms (about 5 min of one quiet core, from runs measured on a core
@@ -249,7 +249,7 @@ def main() -> None:
           f"{pretrain_dir} (validation images it read: {len(leaked)}"
           + (f", {leaked}" if leaked else "") + "), fixed-set fusion Dice "
           + (" -> ".join(f"{d:.3f}@{i:g}" for i, d in zip(pretext.get("iteration", []), pretext.get("val_dice", [])))
-             or "n/a") + f". Times (each process pinned to its own core): {timings}; mean seconds per run by budget {seconds}.",
+             or "n/a") + f". Times (single-threaded runs, each pinned to one core): {timings}; mean seconds per run by budget {seconds}.",
           "", "Mean validation Dice per arm:", "",
           "| iterations | " + " | ".join(s["arms"]) + " |", "|---" * (len(s["arms"]) + 1) + "|"]
     md += [f"| {b} | " + " | ".join(f"{means[(b, a)]:.3f}" if (b, a) in means else "-" for a in s["arms"]) + " |"

@@ -85,13 +85,14 @@ def adapted_plans(plans: dict, plan: AdaptationPlan | dict, configuration: str, 
     return plans
 
 
-def pretrain_info(plan: AdaptationPlan, configuration: str, checkpoint: Optional[Path] = None) -> dict:
+def pretrain_info(plan: AdaptationPlan, configuration: str) -> dict:
     """The plans' ``pretrain_info`` block. nnU-Net master's nnssl route writes one too; its fields are used here
     with their meaning (``checkpoint_path``: the pretrained checkpoint, single-channel as pretrained; ``key_to_*``;
     ``pt_num_in_channels``, ``pt_used_patchsize``, ``pt_recommended_downstream_patchsize``; ``citations``). This
     plugin's own: ``source``, ``method``, ``configuration``, ``adaptation_plan`` (the whole record) and
     ``pretrained_weights`` (the file to give ``-pretrained_weights``: for a multi-channel dataset the adapted
-    ``_<C>ch.pth``, see ``input_channel_adaptation``)."""
+    ``_<C>ch.pth``, see ``input_channel_adaptation``); the file fields are added by :func:`adapt_plans`, which
+    knows the weights."""
     from nnunetv2_vf.pretrain.nnssl_format import CITATIONS
     nnssl_source = (plan.source or {}).get("format") == "nnssl"
     info = {"method": f"nnssl pretraining ({plan.trainer_name})" if nnssl_source else "Volume Fusion (MIS-FM)",
@@ -101,9 +102,6 @@ def pretrain_info(plan: AdaptationPlan, configuration: str, checkpoint: Optional
             "pt_num_in_channels": plan.pretrain_num_input_channels, "pt_used_patchsize": list(plan.patch_size),
             "pt_recommended_downstream_patchsize": list(plan.recommended_downstream_patchsize or plan.patch_size),
             "citations": [] if nnssl_source else copy.deepcopy(CITATIONS)}
-    if checkpoint is not None:
-        info.update(checkpoint_path=str(Path(checkpoint).resolve()), checkpoint_name=Path(checkpoint).parent.name,
-                    pretrained_weights=str(Path(checkpoint).resolve()))
     return info
 
 
@@ -131,8 +129,7 @@ def repeat_stem_over_channels(weights: dict, keys_to_in_proj, channels: int) -> 
 def plan_input_projections(plan: AdaptationPlan) -> list[str]:
     """The plan's declared input projections and every other state-dict name of the same parameters, read from the
     plan's network built on the meta device."""
-    net = build_network(plan.nnunet_architecture())
-    return list(dict.fromkeys([*plan.keys_to_in_proj, *input_projection_keys(net, plan.keys_to_in_proj)]))
+    return input_projection_keys(build_network(plan.nnunet_architecture()), plan.keys_to_in_proj)
 
 
 def multichannel_weights_file(weights_file: str | os.PathLike, channels: int) -> Path:
@@ -222,7 +219,9 @@ def adapt_plans(dataset: str | int, adaptation_plan: str | os.PathLike, configur
     source_weights = Path(weights_file) if weights_file else default_weights_file(adaptation_plan, plan)
     if weights_file or source_weights.is_file():
         # the file -pretrained_weights should name: the fine-tuning safeguards quote it when another one is given
-        new["pretrain_info"] = pretrain_info(plan, configuration, source_weights)
+        weights = str(source_weights.resolve())
+        new["pretrain_info"].update(checkpoint_path=weights, checkpoint_name=source_weights.resolve().parent.name,
+                                    pretrained_weights=weights)
     if channels != plan.pretrain_num_input_channels:
         if not source_weights.is_file():
             raise FileNotFoundError(f"the dataset has {channels} input channels, so the pretrained weights get a "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["AdaptationPlan", "AdaptationPlanError", "NetworkKeys", "network_keys", "network_table_layout",
-           "build_network", "input_projection_keys", "FORMAT", "FORMAT_V1", "FORMAT_V2", "READABLE_FORMATS", "PLAN_FILE_NAME"]
+           "build_network", "input_projection_keys", "state_dict_names", "FORMAT", "FORMAT_V1", "FORMAT_V2", "READABLE_FORMATS", "PLAN_FILE_NAME"]
 
 FORMAT_V1 = "nnunetv2_vf.adaptation_plan/1"
 FORMAT_V2 = "nnunetv2_vf.adaptation_plan/2"  # added weights_file
@@ -100,14 +100,23 @@ def network_keys(network) -> NetworkKeys:
     return keys
 
 
+def state_dict_names(network: "torch.nn.Module") -> dict[int, list[str]]:
+    """{id of a parameter or buffer: every state-dict key that holds it}. A module reachable along two paths appears
+    under both (nnU-Net's decoders keep a reference to their encoder), so one tensor can have several keys."""
+    names: dict[int, list[str]] = {}
+    for key, value in network.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(key)
+    return names
+
+
 def input_projection_keys(network: "torch.nn.Module", keys_to_in_proj) -> list[str]:
     """Every state-dict prefix whose ``weight`` is the same parameter as a declared input projection's, found by
     identity, not by name: nnU-Net's U-Nets list their first convolution four times (``encoder.stages.0.0.convs.0.conv``,
     its ``all_modules.0`` and the decoder's two ``decoder.encoder.*`` references), and all of them must change shape
     together."""
-    targets = {id(network.get_submodule(k).weight) for k in keys_to_in_proj}
-    return [k[: -len(".weight")] for k, v in network.state_dict(keep_vars=True).items()
-            if k.endswith(".weight") and id(v) in targets]
+    names = state_dict_names(network)
+    keys = [k for proj in keys_to_in_proj for k in names[id(network.get_submodule(proj).weight)]]
+    return list(dict.fromkeys(k[: -len(".weight")] for k in keys))
 
 
 def network_table_layout(arch_class_name: str) -> Optional[str]:

@@ -163,7 +163,7 @@ def convert_nnssl_checkpoint(source: str | os.PathLike, output_dir: str | os.Pat
     says which prefixes are pretrained and which fresh. Returns a report (counts, files)."""
     import torch
     from nnunetv2_vf.checkpoint_io import refuse_overwrite, save_torch
-    from nnunetv2_vf.pretrain.adaptation_plan import input_projection_keys
+    from nnunetv2_vf.pretrain.adaptation_plan import state_dict_names
     source, output_dir = Path(source), Path(output_dir)
     target, plan_file = output_dir / "checkpoint_final.pth", output_dir / "adaptation_plan.json"
     refuse_overwrite([target, plan_file], overwrite, "nnUNetv2_vf_convert_nnssl",
@@ -180,12 +180,10 @@ def convert_nnssl_checkpoint(source: str | os.PathLike, output_dir: str | os.Pat
                                  architecture["_kw_requires_import"], channels, 2, allow_init=True,
                                  deep_supervision=True)
     keys = network_keys(net)
-    given = {k: v for k, v in ckpt["network_weights"].items()}
+    given = ckpt["network_weights"]
     state = net.state_dict(keep_vars=True)
     # every name of a parameter: an encoder-only checkpoint holds encoder.* but not the decoder's decoder.encoder.*
-    names_of = {}
-    for k, v in state.items():
-        names_of.setdefault(id(v), []).append(k)
+    names_of = state_dict_names(net)
     weights, pretrained, fresh = {}, [], []
     for k, v in state.items():
         found = next((n for n in names_of[id(v)] if n in given), None)
@@ -205,7 +203,6 @@ def convert_nnssl_checkpoint(source: str | os.PathLike, output_dir: str | os.Pat
                          f"{architecture['network_class_name']} is in the checkpoint's network_weights (keys like "
                          f"{sorted(given)[:3]}): the weights do not belong to the network of its adaptation plan")
     unused = sorted(k for k in given if k not in state)
-    proj = input_projection_keys(net, keys.keys_to_in_proj)
     plan = AdaptationPlan.for_network(
         architecture, trainer_name=str(ckpt.get("trainer_name", "nnssl")), pretrain_num_input_channels=channels,
         patch_size=patch, recommended_downstream_patchsize=[int(p) for p in nnssl_plan.get(
@@ -218,13 +215,14 @@ def convert_nnssl_checkpoint(source: str | os.PathLike, output_dir: str | os.Pat
                 "arch_class_name": (nnssl_plan.get("architecture_plans") or {}).get("arch_class_name"),
                 "unused_tensors": len(unused)})
     output_dir.mkdir(parents=True, exist_ok=True)
+    # the embedded plan as this plugin exports it, with the nnssl checkpoint's own citations (not MIS-FM's)
+    embedded = {**nnssl_checkpoint_fields(plan), "citations": list(ckpt.get("citations") or [])}
     save_torch({"network_weights": weights, "trainer_name": "nnUNetv2_vf_convert_nnssl",
-                "architecture": architecture, **nnssl_checkpoint_fields(plan),
-                "citations": list(ckpt.get("citations") or [])}, target, "converted weights")
+                "architecture": architecture, **embedded}, target, "converted weights")
     plan.save(plan_file)
     return {"weights": str(target.resolve()), "adaptation_plan": str(plan_file.resolve()),
             "network": architecture["network_class_name"], "pretrained": len(pretrained), "fresh": len(fresh),
-            "unused": unused, "input_projections": proj, "encoder_only": bool(
+            "unused": unused, "encoder_only": bool(
                 [k for k in fresh if k.startswith("decoder.") and ".seg_layers." not in k])}
 
 
