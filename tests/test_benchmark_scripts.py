@@ -113,3 +113,28 @@ def test_demo_step_times_reads_finished_demos_into_the_table_shape(tmp_path):
                               str(folders[0]), "--results", str(out), "--no-write-table"], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert swapped.returncode != 0 and "expected quick" in swapped.stderr
+
+
+def test_pretrain_scale_benchmark_smoke(tmp_path):
+    """pretrain_scale.py at 300 volumes: the compressed cache is at most 2 bytes/voxel (the .npy baseline 4), a
+    restart on the filled cache reads no volume again, and the training run on it preprocesses nothing."""
+    _run([REPO / "benchmarks" / "pretrain_scale.py", "--volumes", "300", "--results-dir", tmp_path], timeout=900)
+    result = json.loads((tmp_path / "pretrain_scale_cpu.json").read_text())
+    sizes = result["cache_bytes_per_voxel"]
+    assert all(v <= 2.0 for k, v in sizes.items() if ".b2nd" in k), sizes
+    baseline = [v for k, v in sizes.items() if k.startswith("baseline")]
+    assert all(v >= 4.0 for v in baseline)  # float32 .npy (+ its header), when git history is there to run it
+    assert result["training_preprocessed_nothing"] is True
+    assert result["rows"]["this code: restart on the filled cache"]["volumes"] == 300
+    assert result["first_iteration_s"] > 0 and result["first_iteration_rss_mb"] > 0
+
+
+def test_pretrain_data_rate_benchmark_smoke(tmp_path, shared_dir):
+    """pretrain_data_rate.py at a tiny size: every (data, cache, variant, reads) row and the measured waits."""
+    _run([REPO / "benchmarks" / "pretrain_data_rate.py", "--smoke", "--shared", shared_dir, "--results-dir",
+          tmp_path], timeout=900)
+    result = json.loads((tmp_path / "pretrain_data_rate_cpu.json").read_text())
+    assert len(result["rows"]) == 2 * 2 * 2 * 2 and len(result["waits"]) == 4
+    assert all(r["samples_per_s_per_worker"] > 0 and r["workers_needed"] >= 1 for r in result["rows"])
+    assert all(r["bytes_per_voxel"] <= 2.0 for r in result["rows"] if r["cache"] == "b2nd")
+    assert all(0 <= w["wait_percent"] <= 100 for w in result["waits"])

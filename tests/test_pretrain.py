@@ -126,7 +126,7 @@ def test_small_volumes_are_padded_by_reflection_and_augmented_batches_have_patch
         loader = VFPretrainDataLoader(cache, [0, 1], (48, 64, 64), 2, augmentation=augmentation, seed=0)
         batch = loader.generate_train_batch()  # larger than the images
         assert batch["data"].shape == (2, 1, 48, 64, 64) and np.isfinite(batch["data"]).all()
-    assert len(list((tmp_path / "cache").rglob("*.npy"))) >= 1  # preprocessed once, cached
+    assert len(list((tmp_path / "cache").rglob("*.b2nd"))) >= 1  # preprocessed once, cached
 
 
 def test_mismatched_pretrained_checkpoint_error_lists_keys_and_fix(tmp_path):

@@ -47,6 +47,10 @@ def _pretrain_parser() -> argparse.ArgumentParser:
                    help="nnU-Net raw dataset folders (imagesTr/imagesTs are used, labels ignored) and/or folders of "
                         "images (any SimpleITK format). With --continue: optional; give them only if the data moved "
                         "(the new folders must hold the same files, compared by name and size)")
+    p.add_argument("--manifest", default=None, metavar="FILE",
+                   help="a file listing input images: one path per line ('#' comments) or a JSON list; relative "
+                        "paths resolve against its folder. Alone or next to the input folders. The run records its "
+                        "sha256: --continue refuses a changed manifest")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the run's checkpoints, logs and plans "
                                                                "(created if missing)")
     p.add_argument("--continue", dest="resume", action="store_true",
@@ -114,7 +118,15 @@ def _pretrain_parser() -> argparse.ArgumentParser:
                         "the crop scale 0.7-1.5 can zoom out (default: 1.5, the authors'; 1 cuts them from the "
                         "patch itself)")
     p.add_argument("--cache-dir", default=None,
-                   help="folder for the preprocessed volumes; if omitted: OUTPUT_DIR/cache")
+                   help="folder for the preprocessed volumes (nnU-Net's compressed .b2nd); if omitted: "
+                        "OUTPUT_DIR/cache")
+    p.add_argument("--preprocess-only", action="store_true",
+                   help="preprocess the inputs into the cache and exit, like nnUNetv2_preprocess (under torchrun "
+                        "each rank its share); a later training run with the same inputs and preprocessing "
+                        "settings preprocesses nothing")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="preprocessing processes (per rank under torchrun); if omitted: the CPUs available, shared "
+                        "among the node's ranks, at most 8")
     p.add_argument("--seed", type=int, default=12345, help="random seed (weights, sampling, validation set)")
     return p
 
@@ -132,19 +144,26 @@ def pretrain_main(argv=None) -> None:
     parser = _pretrain_parser()
     args = vars(parser.parse_args(argv))
     from nnunetv2_vf.pretrain.pretrainer import PretrainConfig, VFPretrainer  # after -h: torch takes seconds
-    resume, overwrite = args.pop("resume"), args.pop("overwrite")
-    if not args["inputs"] and not resume:
-        parser.error("give the input folders (nnU-Net raw datasets and/or image folders), or --continue to "
-                     "resume the run in -o")
+    resume, overwrite, preprocess_only = args.pop("resume"), args.pop("overwrite"), args.pop("preprocess_only")
+    if not args["inputs"] and not args["manifest"] and not resume:
+        parser.error("give the input folders (nnU-Net raw datasets and/or image folders) or --manifest FILE, or "
+                     "--continue to resume the run in -o")
+    if preprocess_only and overwrite:
+        parser.error("--preprocess-only writes only the cache, which --overwrite keeps anyway: drop --overwrite")
     for knob in [k for k, v in args.items() if (k.startswith("vf_") or k == "grid_source_scale") and v is None]:
         del args[knob]  # omitted: PretrainConfig's defaults, the paper's / authors' values
-    explicit = _given_options(argv) - {"resume", "overwrite"}
+    explicit = _given_options(argv) - {"resume", "overwrite", "preprocess_only"}
     if not args["inputs"]:
         explicit.discard("inputs")
     if args["device"] is None:
         import torch
         args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    VFPretrainer(PretrainConfig(**args), resume=resume, overwrite=overwrite, explicit=explicit).run()
+    trainer = VFPretrainer(PretrainConfig(**args), resume=resume, overwrite=overwrite, explicit=explicit,
+                           preprocess_only=preprocess_only)
+    if preprocess_only:
+        trainer.preprocess()
+    else:
+        trainer.run()
 
 
 @_user_errors

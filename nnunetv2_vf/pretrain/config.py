@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from nnunetv2_vf.architectures.pctnet_sizes import PAPER_FEATURES
-from nnunetv2_vf.pretrain.dataset import AUGMENTATIONS, find_images
+from nnunetv2_vf.pretrain.dataset import AUGMENTATIONS, file_digest, find_images
 from nnunetv2_vf.pretrain.volume_fusion import (GRID_SOURCE_SCALE, PAPER_PARAMETERS, FusionParameters,
                                                 grid_source_shape)
 
@@ -16,7 +16,8 @@ __all__ = ["PretrainConfig", "FUSION_SETTINGS", "RESUMABLE_SETTINGS", "fusion_pa
            "check_fusion_options", "input_manifest", "new_run_config", "resumed_config", "show"]
 
 # what --continue may change: the schedule length and how the run executes; every other setting defines the run
-RESUMABLE_SETTINGS = ("iterations", "device", "num_workers", "val_every", "save_every", "cache_dir", "output_dir")
+RESUMABLE_SETTINGS = ("iterations", "device", "num_workers", "num_processes", "val_every", "save_every", "cache_dir",
+                      "output_dir")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class PretrainConfig:
     grid_source_scale: float = GRID_SOURCE_SCALE  # 'grid': crops are cut from a region this many times the patch
     seed: int = 12345
     cache_dir: Optional[str] = None              # default: OUTPUT_DIR/cache
+    manifest: Optional[str] = None               # a file listing image paths (text or JSON), next to/instead of inputs
+    manifest_digest: Optional[str] = None        # its sha256 when the run started: --continue refuses a changed one
+    num_processes: Optional[int] = None          # preprocessing processes; default: the CPUs (at most 8)
     # the Volume Fusion knobs (FusionParameters; the paper's values by default)
     vf_classes: int = PAPER_PARAMETERS.num_classes
     vf_boxes: list = field(default_factory=lambda: list(PAPER_PARAMETERS.num_boxes))
@@ -95,12 +99,13 @@ def input_manifest(files) -> list[list]:
     return sorted([f.name, f.stat().st_size] for f in files)
 
 
-def _same_files(inputs, manifest) -> Optional[str]:
-    """None if ``inputs`` hold the run's files (same names and sizes), else what differs."""
+def _same_files(inputs, manifest, manifest_file=None) -> Optional[str]:
+    """None if ``inputs`` (and ``manifest_file``) hold the run's files (same names and sizes), else what
+    differs."""
     if manifest is None:
         return "this run recorded no file list to compare with"
     try:
-        now = input_manifest(find_images(inputs))
+        now = input_manifest(find_images(inputs, manifest_file))
     except (FileNotFoundError, ValueError) as e:
         return str(e)
     if now == [list(m) for m in manifest]:
@@ -128,6 +133,8 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.patch_size is not None and (len(cfg.patch_size) != 3 or min(cfg.patch_size) < 1):
         raise ValueError(f"--patch-size needs three positive sizes D H W in voxels (got {show(cfg.patch_size)}): "
                          f"e.g. --patch-size 64 128 128")
+    if cfg.num_processes is not None and cfg.num_processes < 1:
+        raise ValueError(f"-np must be >= 1 (got {cfg.num_processes}): the number of preprocessing processes")
     if cfg.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0 (got {cfg.num_workers}); 0 runs augmentation in-process")
     if not cfg.lr > 0:
@@ -139,8 +146,8 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.variant == "paper" and cfg.batch_size < 2:
         raise ValueError("the 'paper' Volume Fusion variant fuses samples of a batch: use --batch-size >= 2 "
                          "or --variant grid")
-    if not cfg.inputs:
-        raise ValueError("no inputs: give nnU-Net raw dataset folders and/or folders of images")
+    if not cfg.inputs and not cfg.manifest:
+        raise ValueError("no inputs: give nnU-Net raw dataset folders and/or folders of images, or --manifest FILE")
     fusion_parameters(cfg)
 
 
@@ -169,8 +176,33 @@ def check_fusion_options(cfg: PretrainConfig, given: set) -> None:
 
 def new_run_config(cfg: PretrainConfig, output_dir: Path) -> PretrainConfig:
     """``cfg`` with absolute paths, as the run stores it (modality still to be detected when None)."""
+    manifest = None if cfg.manifest is None else _absolute([cfg.manifest])[0]
     return PretrainConfig(**{**asdict(cfg), "inputs": _absolute(cfg.inputs), "output_dir": str(output_dir),
-                             "cache_dir": None if cfg.cache_dir is None else _absolute([cfg.cache_dir])[0]})
+                             "cache_dir": None if cfg.cache_dir is None else _absolute([cfg.cache_dir])[0],
+                             "manifest": manifest,
+                             "manifest_digest": None if manifest is None or not os.path.isfile(manifest)
+                             else file_digest(manifest)})
+
+
+def _manifest_change(run_cfg: dict, given: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(what is wrong with the manifest on --continue or None, the manifest to read): the run's manifest, or the
+    one given (moved data); its content must be the one the run started with (sha256)."""
+    recorded = run_cfg.get("manifest")
+    if recorded is None:
+        return ((f"--manifest: the run was started without a manifest, the command line gives {given}", None)
+                if given else (None, None))
+    path = _absolute([given])[0] if given else recorded
+    if not os.path.isfile(path):
+        return ((f"--manifest: {path} does not exist: give the manifest the run started with ({recorded}), in its "
+                 f"new place if it moved", None) if given else
+                (f"--manifest: the run's manifest {path} does not exist any more: restore it, or give its new place "
+                 f"with --manifest", None))
+    digest = file_digest(path)
+    if run_cfg.get("manifest_digest") and digest != run_cfg["manifest_digest"]:
+        return (f"--manifest: {path} changed since the run started (sha256 {digest[:12]}..., the run recorded "
+                f"{run_cfg['manifest_digest'][:12]}...): restore the manifest the run started with, or start a "
+                f"new run (another -o folder) on the new list", None)
+    return None, path
 
 
 def resumed_config(cfg: PretrainConfig, explicit: set, run_cfg: dict, manifest, output_dir: Path
@@ -182,11 +214,22 @@ def resumed_config(cfg: PretrainConfig, explicit: set, run_cfg: dict, manifest, 
     run_cfg = {**{k: v for k, v in asdict(PretrainConfig(inputs=[], output_dir="")).items()
                   if k in FUSION_SETTINGS}, **legacy_recipe(run_cfg), **run_cfg}
     differences = [f"{_option(k)}: the run has {show(run_cfg.get(k))}, the command line asks for "
-                   f"{show(given[k])}" for k in sorted(explicit - set(RESUMABLE_SETTINGS) - {"inputs"})
+                   f"{show(given[k])}"
+                   for k in sorted(explicit - set(RESUMABLE_SETTINGS) - {"inputs", "manifest", "manifest_digest"})
                    if k in run_cfg and _normal(given[k]) != _normal(run_cfg[k])]
     inputs, moved = run_cfg["inputs"], None
+    manifest_problem, manifest_file = _manifest_change(run_cfg, given["manifest"] if "manifest" in explicit
+                                                       else None)
+    if manifest_problem:
+        differences.append(manifest_problem)
+    elif manifest_file != run_cfg.get("manifest"):  # the manifest moved (same content): continue on it
+        if _same_files(inputs, manifest, manifest_file) is None:
+            moved = (run_cfg["manifest"], manifest_file)
+        else:
+            differences.append(f"--manifest: {manifest_file} has the run's content but lists other files "
+                               f"({_same_files(inputs, manifest, manifest_file)})")
     if "inputs" in explicit and given["inputs"] and _absolute(given["inputs"]) != _absolute(inputs):
-        problem = _same_files(given["inputs"], manifest)
+        problem = _same_files(given["inputs"], manifest, manifest_file)
         if problem:
             differences.append(f"inputs: the run was started on {show(inputs)}, the command line gives "
                                f"{show(_absolute(given['inputs']))} ({problem})")
@@ -203,4 +246,5 @@ def resumed_config(cfg: PretrainConfig, explicit: set, run_cfg: dict, manifest, 
         keep["cache_dir"] = _absolute([keep["cache_dir"]])[0]
     fields = set(PretrainConfig.__dataclass_fields__)
     merged = {k: v for k, v in run_cfg.items() if k in fields}
-    return PretrainConfig(**{**merged, **keep, "inputs": inputs, "output_dir": str(output_dir)}), moved
+    return PretrainConfig(**{**merged, **keep, "inputs": inputs, "output_dir": str(output_dir),
+                             "manifest": manifest_file}), moved

@@ -1,14 +1,17 @@
 """Unlabelled image index, preprocessing and patch sampling for Volume Fusion pretraining.
 
-The index is a list of file paths (never the images): thousands of volumes cost a few kB. Each volume is
-preprocessed once, on first use, with nnU-Net's own machinery (``resample_data_or_seg_to_shape``,
-``CTNormalization`` / ``ZScoreNormalization``) and cached as ``.npy`` that is memory-mapped when patches are cut.
+The index is a list of file paths (never the images): 20 000 volumes cost a few MB. Inputs are folders and/or
+manifests (text or JSON lists of paths). Each volume is preprocessed once with nnU-Net's own machinery
+(``resample_data_or_seg_to_shape``, ``CTNormalization`` / ``ZScoreNormalization``), ahead of training in a process
+pool, and cached in nnU-Net 2.8's own compressed format (a blosc2 ``.b2nd`` array with the chunking, codec and
+filter choice of ``nnUNetDatasetBlosc2``), memory-mapped when patches are cut.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +24,10 @@ from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from nnunetv2_vf.checkpoint_io import atomic_write, remove_stale_tmp_files
 
-__all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "AUGMENTATIONS", "Preprocessing", "find_images",
-           "check_volume_headers", "VolumeCache", "crop_or_pad", "random_flip", "VFPretrainDataLoader",
-           "nnunet_augmentation", "detect_modality", "exit_with_parent"]
+__all__ = ["IMAGE_EXTENSIONS", "CT_WINDOW", "AUGMENTATIONS", "Preprocessing", "find_images", "read_manifest",
+           "file_digest", "check_volume_headers", "VolumeCache", "CACHE_SUFFIX", "LEGACY_CACHE_SUFFIX",
+           "write_cached_volume", "read_cached_volume", "preprocess_volumes", "default_num_processes", "crop_or_pad",
+           "random_flip", "VFPretrainDataLoader", "nnunet_augmentation", "detect_modality", "exit_with_parent"]
 
 # what SimpleITK reads and nnU-Net datasets commonly use (longest first so '.nii.gz' wins over '.gz')
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl", ".tif", ".tiff",
@@ -39,10 +43,11 @@ def _extension(name: str) -> Optional[str]:
     return next((e for e in IMAGE_EXTENSIONS if lower.endswith(e)), None)
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files of nnU-Net raw dataset folders (``imagesTr`` and ``imagesTs``; labels are ignored) or of plain
-    folders (recursively). Sorted, so every DDP rank sees the same order."""
-    files: list[Path] = []
+def find_images(inputs: Sequence[str | os.PathLike], manifest: Optional[str | os.PathLike] = None) -> list[Path]:
+    """Image files of nnU-Net raw dataset folders (``imagesTr`` and ``imagesTs``; labels are ignored), of plain
+    folders (recursively), of single files and of a ``manifest`` (:func:`read_manifest`). Sorted, so every DDP rank
+    sees the same order."""
+    files: list[Path] = read_manifest(manifest) if manifest is not None else []
     for entry in inputs:
         root = Path(os.path.abspath(os.path.expanduser(entry)))  # absolute: a resumed run may start elsewhere
         if root.is_file():
@@ -62,6 +67,69 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return sorted({f for f in files if not f.name.lower().endswith(".img") or not f.with_suffix(".hdr").exists()})
 
 
+def read_manifest(path: str | os.PathLike) -> list[Path]:
+    """The image paths a manifest lists: a JSON list of paths, or a text file with one path per line (blank lines
+    and everything after a '#' that starts a line or follows a space are ignored). Relative paths resolve against
+    the manifest's folder, so a manifest travels with its data. Every entry must be an existing image file."""
+    manifest = Path(os.path.abspath(os.path.expanduser(path)))
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist: give a text file with one image path per line "
+                                f"(or a JSON list of paths) to --manifest")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read manifest {manifest} ({e}): it must be UTF-8 text, one image path per line, "
+                         f"or a JSON list of paths") from e
+    if manifest.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {manifest} is not valid JSON ({e}): give a JSON list of image paths, or "
+                             f"a text file with one path per line") from e
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            what = "a list with non-string entries" if isinstance(entries, list) else type(entries).__name__
+            raise ValueError(f"manifest {manifest} must hold a JSON list of path strings (got {what})")
+    else:
+        entries = []
+        for line in text.splitlines():
+            cut = line.find("#") if line.lstrip().startswith("#") else line.find(" #")
+            entries.append((line if cut < 0 else line[:cut]).strip())
+    base = manifest.parent
+    files = [Path(os.path.normpath(base / os.path.expanduser(e))) for e in entries if e.strip()]
+    if not files:
+        raise ValueError(f"manifest {manifest} lists no image paths: one path per line ('#' comments), or a "
+                         f"JSON list")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(files)} paths in manifest {manifest} are not files "
+                                f"(e.g. {missing[0]}); relative paths resolve against the manifest's folder "
+                                f"{base}: fix or remove those lines")
+    unknown = [f for f in files if not _extension(f.name)]
+    if unknown:
+        raise ValueError(f"{len(unknown)} of the {len(files)} paths in manifest {manifest} are not images by "
+                         f"their extension (e.g. {unknown[0]}); accepted: {', '.join(IMAGE_EXTENSIONS)}")
+    return files
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (a manifest's identity: ``--continue`` refuses a changed manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_num_processes() -> int:
+    """Preprocessing processes when -np is not given: this process' CPUs shared among torchrun's local ranks,
+    at most 8 (nnU-Net's default for 3D)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def read_image_header(path: str | os.PathLike) -> "sitk.ImageFileReader":
     """SimpleITK's reader of ``path`` with only the header read (size, dimension, components, spacing); raises
     RuntimeError for an unreadable file."""
@@ -71,26 +139,59 @@ def read_image_header(path: str | os.PathLike) -> "sitk.ImageFileReader":
     return reader
 
 
-def check_volume_headers(files: Sequence[Path]) -> list[Path]:
+def _header_status(path: Path) -> tuple:
+    """(kind, size, components, reason) of one file's header: kind 'ok', 'unreadable', 'multi' or '2d'."""
+    try:
+        reader = read_image_header(path)
+    except RuntimeError as e:
+        return "unreadable", None, None, str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+    size = reader.GetSize()
+    if reader.GetDimension() > 3 or reader.GetNumberOfComponents() > 1:
+        return "multi", size, reader.GetNumberOfComponents(), None
+    if reader.GetDimension() != 3 or min(size) < 1 or size[2] == 1:
+        return "2d", size, 1, None
+    return "ok", size, 1, None
+
+
+def _map(function, items: Sequence, num_processes: int, desc: Optional[str] = None, disable: bool = True,
+         min_per_process: int = 2):
+    """``function`` over ``items`` in order, in a pool of ``num_processes`` spawned processes (nnU-Net's
+    preprocessing uses 'spawn' too: forking a process that holds torch's threads can deadlock) or in-process for
+    one process or few items; with a progress bar unless ``disable``."""
+    from tqdm import tqdm
+    if num_processes <= 1 or len(items) < min_per_process * num_processes:
+        return [function(x) for x in tqdm(items, desc=desc, disable=disable, dynamic_ncols=True)]
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+        chunk = max(1, min(64, len(items) // (8 * num_processes)))
+        return list(tqdm(pool.imap(function, items, chunksize=chunk), total=len(items), desc=desc,
+                         disable=disable, dynamic_ncols=True))
+
+
+def check_volume_headers(files: Sequence[Path], num_processes: int = 1, known_good: Optional[set] = None,
+                         progress: bool = False) -> list[Path]:
     """Read only the headers: drop unreadable files (warning naming them) and reject 2D images.
 
-    Raises if no file is a readable 3D volume.
+    ``known_good``: files whose preprocessed volume is cached already (their header was read once when it was
+    made): not read again, so a restart on a filled cache reads no header. The others are read in a pool of
+    ``num_processes``. Raises if no file is a readable 3D volume.
     """
+    known_good = known_good or set()
+    todo = [f for f in files if f not in known_good]
+    # a pool starts in seconds (each process imports torch), a header reads in about a millisecond
+    status = dict(zip(todo, _map(_header_status, todo, num_processes, "reading image headers",
+                                 disable=not progress or len(todo) < 1000, min_per_process=1000)))
     good, two_d, multi = [], [], []
     for f in files:
-        try:
-            reader = read_image_header(f)
-        except RuntimeError as e:
-            warnings.warn(f"skipping unreadable image {f}: {str(e).strip().splitlines()[-1][:200]}")
-            continue
-        size = reader.GetSize()
-        if reader.GetDimension() > 3 or reader.GetNumberOfComponents() > 1:
-            multi.append((f, size, reader.GetNumberOfComponents()))
-            continue
-        if reader.GetDimension() != 3 or min(size) < 1 or (reader.GetDimension() == 3 and size[2] == 1):
+        kind, size, comps, reason = status.get(f, ("ok", None, 1, None))
+        if kind == "unreadable":
+            warnings.warn(f"skipping unreadable image {f}: {reason}")
+        elif kind == "multi":
+            multi.append((f, size, comps))
+        elif kind == "2d":
             two_d.append((f, size))
-            continue
-        good.append(f)
+        else:
+            good.append(f)
     if multi:
         f, size, comps = multi[0]
         msg = (f"{len(multi)} image(s) have several channels (e.g. {f}, size {size}, {comps} component(s) per "
@@ -210,45 +311,172 @@ def check_complete(path: Path) -> None:
             raise ValueError(f"file is truncated ({path.stat().st_size} bytes, expected >= {expected})")
 
 
-class VolumeCache:
-    """Lazily preprocessed volumes, one ``.npy`` per file, memory-mapped on read.
+CACHE_SUFFIX = ".b2nd"        # nnU-Net 2.8's preprocessed-data format (nnUNetDatasetBlosc2)
+LEGACY_CACHE_SUFFIX = ".npy"  # float32, uncompressed: what earlier versions cached; still read
 
-    Writing is atomic (``checkpoint_io.atomic_write``), so concurrent workers/ranks that preprocess the same volume at
-    the same time cannot leave a half-written cache entry.
+
+def _cache_blosc2_params(shape: Sequence[int], crop_shape: Sequence[int]) -> tuple[tuple, tuple]:
+    """(blocks, chunks) of a cached [1, D, H, W] volume: nnU-Net's ``comp_blosc2_params`` for the crop the loader
+    cuts; a volume no larger than the crop is read whole anyway, so it is one block (compresses better and
+    decompresses in one call)."""
+    if all(s <= c for s, c in zip(shape[1:], crop_shape)):
+        return tuple(shape), tuple(shape)
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+    return comp_blosc2_params(tuple(shape), tuple(crop_shape), 4)
+
+
+def write_cached_volume(target: Path, data: np.ndarray, crop_shape: Sequence[int]) -> None:
+    """``data`` (float32 [1, D, H, W]) as nnU-Net's ``nnUNetDatasetBlosc2.save_case`` writes a case's image
+    (blosc2 NDArray, LZ4HC level 5, no filter or byte shuffle, whichever compresses smaller), lossless, written
+    atomically: the array is compressed in memory and its contiguous frame written through ``atomic_write``."""
+    import blosc2
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    blocks, chunks = _cache_blosc2_params(data.shape, crop_shape)
+    codec, clevel = blosc2.Codec.LZ4HC, 5  # save_case's defaults
+
+    def frame(filter_) -> bytes:
+        return blosc2.asarray(data, chunks=chunks, blocks=blocks, cparams={
+            "codec": codec, "clevel": clevel, "filters": [filter_], "nthreads": 1}).to_cframe()
+
+    if tuple(chunks) == data.shape:
+        # one chunk: nnU-Net's trial slab would be the whole volume, so its two trial compressions are the real
+        # ones; keep the smaller (NOFILTER on a tie, as nnU-Net) instead of compressing a third time
+        payload = min((frame(f) for f in (blosc2.Filter.NOFILTER, blosc2.Filter.SHUFFLE)), key=len)
+    else:
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+        choose = getattr(nnUNetDatasetBlosc2, "_select_filter", None)  # nnU-Net >= 2.8; older: no filter
+        payload = frame(choose(data, blocks, chunks, codec, clevel) if choose else blosc2.Filter.NOFILTER)
+    atomic_write(target, lambda f: f.write(payload), "preprocessed volume", needed_bytes=len(payload))
+
+
+def read_cached_volume(path: Path):
+    """A cached [1, D, H, W] volume, memory-mapped: a blosc2 NDArray (``.b2nd``; slicing decompresses only the
+    chunks a crop touches) or a numpy memmap (legacy ``.npy``)."""
+    if path.suffix == CACHE_SUFFIX:
+        import blosc2
+        return blosc2.open(urlpath=str(path), mode="r", mmap_mode="r", dparams={"nthreads": 1})
+    return np.load(path, mmap_mode="r")
+
+
+def build_cache_entry(job: tuple) -> tuple[Optional[str], list[str]]:
+    """Preprocess one volume into the cache. ``job``: (preprocessing, source file, target, crop shape). Returns
+    (the reason it failed or None, the warnings raised): picklable, for the preprocessing pool."""
+    preprocessing, source, target, crop_shape = job
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = preprocessing(Path(source))
+        except Exception as e:  # SimpleITK raises RuntimeError for corrupt data, we raise ValueError
+            text = str(e).strip()
+            return f"{type(e).__name__}: {text.splitlines()[-1][:200] if text else ''}", []
+        write_cached_volume(Path(target), data, crop_shape)
+    return None, [str(w.message) for w in caught]
+
+
+class VolumeCache:
+    """Preprocessed volumes, one ``.b2nd`` per file (nnU-Net's compressed format), memory-mapped on read.
+
+    ``crop_shape``: what the loader cuts (the blosc2 chunking follows it). Entries are made ahead of training by
+    :func:`preprocess_volumes` or, failing that, on first use. Writing is atomic, so concurrent workers/ranks that
+    preprocess the same volume cannot leave a half-written entry. A ``.npy`` entry of earlier versions is read as
+    it is.
     """
 
-    def __init__(self, files: Sequence[Path], cache_dir: str | os.PathLike, preprocessing: Preprocessing):
+    def __init__(self, files: Sequence[Path], cache_dir: str | os.PathLike, preprocessing: Preprocessing,
+                 crop_shape: Sequence[int] = (64, 128, 128)):
         self.files = [Path(f) for f in files]
         self.cache_dir = Path(cache_dir) / preprocessing.key()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp_files(self.cache_dir)  # a killed run's half-written entries would stay forever
         self.preprocessing = preprocessing
+        self.crop_shape = [int(c) for c in crop_shape]
         self.failed: set[int] = set()
+        self._stems: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def cache_path(self, i: int) -> Path:
-        f = self.files[i]
-        digest = hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:12]
-        stem = f.name[: -len(_extension(f.name) or "")] or f.name
-        return self.cache_dir / f"{stem}_{digest}.npy"
+    def _stem(self, i: int) -> str:
+        if self._stems is None:  # computed once: resolving a path costs a stat per folder level
+            self._stems = [f"{f.name[: -len(_extension(f.name) or '')] or f.name}_"
+                           f"{hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:12]}" for f in self.files]
+        return self._stems[i]
 
-    def load(self, i: int) -> Optional[np.ndarray]:
+    def cache_path(self, i: int) -> Path:
+        return self.cache_dir / (self._stem(i) + CACHE_SUFFIX)
+
+    def legacy_path(self, i: int) -> Path:
+        return self.cache_dir / (self._stem(i) + LEGACY_CACHE_SUFFIX)
+
+    def entry(self, i: int) -> Optional[Path]:
+        """The cached file of volume ``i`` (compressed first, then legacy), or None."""
+        return next((p for p in (self.cache_path(i), self.legacy_path(i)) if p.exists()), None)
+
+    def cached(self) -> set[int]:
+        """Indices with a cache entry: one directory listing, not a stat per volume."""
+        present = set(os.listdir(self.cache_dir))
+        return {i for i in range(len(self)) if self._stem(i) + CACHE_SUFFIX in present
+                or self._stem(i) + LEGACY_CACHE_SUFFIX in present}
+
+    def legacy_entries(self) -> list[int]:
+        present = set(os.listdir(self.cache_dir))
+        return [i for i in range(len(self)) if self._stem(i) + LEGACY_CACHE_SUFFIX in present
+                and self._stem(i) + CACHE_SUFFIX not in present]
+
+    def job(self, i: int) -> tuple:
+        return self.preprocessing, str(self.files[i]), str(self.cache_path(i)), self.crop_shape
+
+    def load(self, i: int):
         """Memory-mapped [1, D, H, W] volume, or None if the file cannot be read (warned once)."""
         if i in self.failed:
             return None
-        target = self.cache_path(i)
-        if not target.exists():
-            try:
-                data = self.preprocessing(self.files[i])
-            except Exception as e:  # SimpleITK raises RuntimeError for corrupt data, we raise ValueError
-                warnings.warn(f"skipping {self.files[i]}: cannot read/preprocess it ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})")
+        path = self.entry(i)
+        if path is None:
+            reason, caught = build_cache_entry(self.job(i))
+            for message in caught:
+                warnings.warn(message)
+            if reason is not None:
+                warnings.warn(f"skipping {self.files[i]}: cannot read/preprocess it ({reason})")
                 self.failed.add(i)
                 return None
-            atomic_write(target, lambda f: np.save(f, data), "preprocessed volume", needed_bytes=data.nbytes)
-        return np.load(target, mmap_mode="r")
+            path = self.cache_path(i)
+        return read_cached_volume(path)
+
+
+def preprocess_volumes(cache: VolumeCache, indices: Sequence[int], num_processes: int, progress: bool = True,
+                       desc: str = "preprocessing") -> set[int]:
+    """Fill ``cache`` for ``indices`` (those without an entry) in a pool of ``num_processes``, with a progress bar;
+    legacy ``.npy`` entries among them are rewritten compressed. Warns for each volume that cannot be read and
+    returns their indices (also added to ``cache.failed``)."""
+    legacy = set(cache.legacy_entries()).intersection(indices)
+    present = cache.cached() - legacy
+    todo = [i for i in indices if i not in present]
+    jobs = [cache.job(i) for i in todo]
+    if legacy:
+        print(f"rewriting {len(legacy)} cached volume(s) of the uncompressed .npy format (4 bytes/voxel) as "
+              f"compressed {CACHE_SUFFIX}", file=sys.stderr, flush=True)
+    results = _map(_build_or_convert, [(job, str(cache.legacy_path(i)) if i in legacy else None)
+                                       for i, job in zip(todo, jobs)],
+                   num_processes, desc, disable=not progress or not todo)
+    failed = set()
+    for i, (reason, caught) in zip(todo, results):
+        for message in caught:
+            warnings.warn(message)
+        if reason is not None:
+            warnings.warn(f"skipping {cache.files[i]}: cannot read/preprocess it ({reason})")
+            failed.add(i)
+    cache.failed |= failed
+    return failed
+
+
+def _build_or_convert(item: tuple) -> tuple[Optional[str], list[str]]:
+    """A pool task: make the entry, from the legacy ``.npy`` if there is one (then deleted)."""
+    job, legacy = item
+    if legacy is None:
+        return build_cache_entry(job)
+    write_cached_volume(Path(job[2]), np.load(legacy), job[3])
+    os.remove(legacy)
+    return None, []
 
 
 def crop_or_pad(volume: np.ndarray, patch_size: Sequence[int], rng: np.random.Generator) -> np.ndarray:

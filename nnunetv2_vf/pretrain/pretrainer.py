@@ -28,15 +28,16 @@ from nnunetv2_vf.pretrain.checkpoints import RUN_FILES, RUN_LOCK, CheckpointStor
 from nnunetv2_vf.pretrain.config import (FUSION_SETTINGS, RESUMABLE_SETTINGS, PretrainConfig, check_config,
                                          check_fusion_options, fusion_parameters, input_manifest, new_run_config,
                                          resumed_config, show)
-from nnunetv2_vf.pretrain.dataset import (Preprocessing, VFPretrainDataLoader, VolumeCache, check_volume_headers,
-                                          crop_or_pad, detect_modality, find_images)
+from nnunetv2_vf.pretrain.dataset import (CACHE_SUFFIX, LEGACY_CACHE_SUFFIX, Preprocessing, VFPretrainDataLoader,
+                                          VolumeCache, check_volume_headers, crop_or_pad, default_num_processes,
+                                          detect_modality, find_images, preprocess_volumes)
 from nnunetv2_vf.pretrain.distributed import Distributed
 from nnunetv2_vf.pretrain.nnssl_format import nnssl_checkpoint_fields
 from nnunetv2_vf.pretrain.loop import Optimisation, build_loss, deep_supervision_scales, evaluate, train_step
 from nnunetv2_vf.pretrain.progress import PLATEAU_RISE, empty_logs, late_rise, log_line, plot_progress, train_log_every
 from nnunetv2_vf.pretrain.volume_fusion import VolumeFusionTransform, grid_source_shape, volume_fusion
 
-__all__ = ["PretrainConfig", "VFPretrainer", "build_network", "deep_supervision_scales", "PAPER_FEATURES",
+__all__ = ["PretrainConfig", "VFPretrainer", "build_network", "rank_share", "deep_supervision_scales", "PAPER_FEATURES",
            "ADAPTATION_PLAN_FORMAT", "RESUMABLE_SETTINGS", "RUN_FILES", "FUSION_SETTINGS", "input_manifest"]
 
 PCTNET_CLASS_NAME = "nnunetv2_vf.architectures.pctnet.PCTNet"
@@ -80,13 +81,21 @@ def build_network(cfg: PretrainConfig) -> tuple[nn.Module, dict, list[int]]:
     return net, arch, patch
 
 
+def rank_share(usable: list[int], rank: int, world_size: int, seed: int) -> tuple[list[int], int]:
+    """(the volumes rank ``rank`` samples from, its sampling seed): disjoint volume sets and distinct seeds, so no
+    two ranks train on the same crops (DistributedSampler's strided sharding)."""
+    return usable[rank::world_size], seed + 1000 * rank
+
+
 class VFPretrainer:
     """Runs Volume Fusion pretraining as configured; ``run()`` trains and writes the export files."""
 
     def __init__(self, cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
-                 explicit: Optional[set] = None):
+                 explicit: Optional[set] = None, preprocess_only: bool = False):
         """``explicit``: the settings the user gave (command line); on ``resume`` only those are compared with the
-        run's own, the others are taken from the run. None: every setting of ``cfg`` counts as given."""
+        run's own, the others are taken from the run. None: every setting of ``cfg`` counts as given.
+        ``preprocess_only``: :meth:`preprocess` fills the cache of this configuration; -o may hold a run."""
+        self.preprocess_only = preprocess_only
         self.dist = Distributed.from_env()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         if resume and overwrite:
@@ -114,10 +123,15 @@ class VFPretrainer:
             cfg, self.moved_inputs = resumed_config(cfg, set(asdict(cfg)) if explicit is None else set(explicit),
                                                     run_cfg, self.manifest, self.output_dir)
         else:
-            self.store.refuse_existing_run(overwrite)
+            if not self.preprocess_only:
+                self.store.refuse_existing_run(overwrite)
             self.saved = None
             cfg = new_run_config(cfg, self.output_dir)
             if cfg.normalization is None:  # MR and CT need different normalisations: never assume one
+                if cfg.manifest is not None:
+                    raise ValueError(f"cannot tell whether the images of manifest {cfg.manifest} are CT or MR (a "
+                                     f"manifest lists files, no dataset.json): give --modality CT (clip HU to "
+                                     f"[-1000, 1000]) or --modality MR (per-image z-score)")
                 cfg.normalization = detect_modality(cfg.inputs)
                 self.detected_modality = True
         check_config(cfg)
@@ -147,20 +161,9 @@ class VFPretrainer:
     # ------------------------------------------------------------------ setup
     def _build(self, files) -> None:
         cfg = self.cfg
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            files = check_volume_headers(files)
-            self.preprocessing = Preprocessing(cfg.normalization, cfg.spacing)
-            self.cache = VolumeCache(files, cfg.cache_dir or self.output_dir / "cache", self.preprocessing)
-            self.usable = self._prepare_volumes()
-        for w in caught:  # skipped files and NaN voxels: in training_log.txt too, not only on the terminal
-            self.log(f"warning: {w.message}", stderr=True)
-        if not self.usable:
-            raise ValueError(f"none of the {len(self.cache)} input volume(s) could be read and preprocessed (reasons "
-                             f"above and in {self.output_dir / 'training_log.txt'}): replace the broken files "
-                             f"(truncated downloads, all-NaN images) or give other inputs")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.network, self.architecture, self.patch_size = build_network(cfg)
+        self.usable = self._prepare_cache(files)
         # nnU-Net's transforms draw from the global generators: seed them per rank for reproducible runs
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
@@ -171,26 +174,82 @@ class VFPretrainer:
         self.optimisation = Optimisation.build(self.network, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.grad_clip,
                                                self.device)
         self.model = self.dist.wrap(self.network, self.device)
-        # DistributedSampler-like sharding of the volume index
-        shard = self.usable[self.rank::self.world_size]
+        shard, loader_seed = rank_share(self.usable, self.rank, self.world_size, cfg.seed)
         self.loader = VFPretrainDataLoader(self.cache, shard, self.source_shape, cfg.batch_size,
-                                           augmentation=cfg.augmentation, seed=cfg.seed + 1000 * self.rank)
+                                           augmentation=cfg.augmentation, seed=loader_seed)
         self.vf_transform = VolumeFusionTransform(cfg.variant, seed=cfg.seed + 1000 * self.rank + 1,
                                                   deep_supervision_scales=self.ds_scales, params=self.fusion,
                                                   output_shape=self.patch_size)
         self.iteration = 0
         self.logs = empty_logs()
 
-    def _prepare_volumes(self) -> list[int]:
-        """Preprocess (or find cached) every volume now, each rank its share: unreadable ones are known before
-        training and not counted, and workers only memory-map. Returns the indices of the usable volumes."""
-        todo = [i for i in range(self.rank, len(self.cache), self.world_size) if not self.cache.cache_path(i).exists()]
-        if todo:
-            self.log(f"preprocessing {len(todo)} volume(s) once into {self.cache.cache_dir}")
-        for i in range(self.rank, len(self.cache), self.world_size):
-            self.cache.load(i)
+    def _prepare_cache(self, files) -> list[int]:
+        """Check the inputs' headers (those not cached yet), then preprocess the volumes missing from the cache,
+        each rank its share, in a pool: unreadable ones are known before training and not counted, and workers only
+        memory-map. Returns the indices of the usable volumes."""
+        cfg = self.cfg
+        processes = cfg.num_processes or default_num_processes()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.cache = self._open_cache(files, processes)
+            mine = list(range(self.rank, len(self.cache), self.world_size))
+            present = self.cache.cached()
+            todo = [i for i in mine if i not in present]
+            legacy = len(set(self.cache.legacy_entries()).intersection(mine))
+            if todo:
+                self.log(f"preprocessing {len(todo)} of {len(self.cache)} volume(s) into {self.cache.cache_dir} "
+                         f"({processes} process(es){f' on each of {self.world_size} ranks' if self.dist.is_ddp else ''}"
+                         f"; nnUNetv2_vf_pretrain --preprocess-only does this ahead of training)")
+            else:
+                self.log(f"all {len(mine)} volume(s){' of this rank' if self.dist.is_ddp else ''} found "
+                         f"preprocessed in {self.cache.cache_dir}: nothing to preprocess")
+            if legacy:
+                self.log(f"{legacy} cached volume(s) are in the uncompressed {LEGACY_CACHE_SUFFIX} format of earlier "
+                         f"versions (4 bytes/voxel): read as they are; nnUNetv2_vf_pretrain --preprocess-only with "
+                         f"the same settings rewrites them compressed ({CACHE_SUFFIX})")
+            preprocess_volumes(self.cache, todo, processes, progress=self.rank == 0)
+        for w in caught:  # skipped files and NaN voxels: in training_log.txt too, not only on the terminal
+            self.log(f"warning: {w.message}", stderr=True)
         self.cache.failed = self.dist.union(self.cache.failed)
-        return [i for i in range(len(self.cache)) if i not in self.cache.failed]
+        usable = [i for i in range(len(self.cache)) if i not in self.cache.failed]
+        if not usable:
+            raise ValueError(f"none of the {len(self.cache)} input volume(s) could be read and preprocessed (reasons "
+                             f"above and in {self.output_dir / 'training_log.txt'}): replace the broken files "
+                             f"(truncated downloads, all-NaN images) or give other inputs")
+        self.skipped = len(self.cache) - len(usable)
+        return usable
+
+    def _open_cache(self, files, processes: int) -> VolumeCache:
+        """The cache of the inputs whose headers show single-channel 3D volumes; the headers of inputs cached
+        already are not read again (a restart on a filled cache reads none)."""
+        self.preprocessing = Preprocessing(self.cfg.normalization, self.cfg.spacing)
+        root = self.cfg.cache_dir or self.output_dir / "cache"
+        every = VolumeCache(files, root, self.preprocessing, self.source_shape)
+        good = check_volume_headers(files, processes, {every.files[i] for i in every.cached()}, self.rank == 0)
+        return every if len(good) == len(every) else VolumeCache(good, root, self.preprocessing, self.source_shape)
+
+    def preprocess(self) -> dict:
+        """``--preprocess-only``: fill the cache (each rank its share, legacy entries rewritten compressed) and
+        exit, like ``nnUNetv2_preprocess``. Returns counts of this rank."""
+        cfg = self.cfg
+        files = self._input_files()
+        _, _, self.patch_size = build_network(cfg)  # the crop, which the cache's chunking follows
+        processes = cfg.num_processes or default_num_processes()
+        self.cache = self._open_cache(files, processes)
+        mine = list(range(self.rank, len(self.cache), self.world_size))
+        legacy = set(self.cache.legacy_entries())
+        present = self.cache.cached() - legacy
+        todo = [i for i in mine if i not in present]
+        t0 = time.time()
+        failed = preprocess_volumes(self.cache, todo, processes, progress=True,
+                                    desc=f"preprocessing{f' (rank {self.rank})' if self.dist.is_ddp else ''}")
+        report = {"rank": self.rank, "volumes": len(mine), "preprocessed": len(todo) - len(failed),
+                  "failed": len(failed), "already_cached": len(mine) - len(todo), "seconds": time.time() - t0}
+        print(f"rank {self.rank}: preprocessed {report['preprocessed']} of its {len(mine)} volume(s) "
+              f"({report['already_cached']} already cached, {len(failed)} unreadable) in {report['seconds']:.1f} s "
+              f"with {processes} process(es) into {self.cache.cache_dir}", flush=True)
+        self.dist.teardown()
+        return report
 
     def _augmenter(self):
         from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
@@ -322,7 +381,7 @@ class VFPretrainer:
 
     def _input_files(self) -> list:
         try:
-            return find_images(self.cfg.inputs)
+            return find_images(self.cfg.inputs, self.cfg.manifest)
         except FileNotFoundError as e:
             if self.saved is None and not self.store.config.exists():
                 raise
@@ -350,7 +409,7 @@ class VFPretrainer:
             self.log("no checkpoint yet: the run starts again from iteration 0")
         self.val_data, self.val_target = self._validation_set()
         nparams = sum(p.numel() for p in self.network.parameters())
-        skipped = len(self.cache.files) - len(self.usable)
+        skipped = self.skipped
         self.log(f"Volume Fusion pretraining ({cfg.variant}) of {self.architecture['network_class_name']} "
                  f"({nparams / 1e6:.2f} M parameters) on {len(self.usable)} volumes"
                  f"{f' ({skipped} skipped)' if skipped else ''}, patch {self.patch_size}, batch "
