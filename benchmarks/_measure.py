@@ -203,3 +203,17 @@ def measure_training_step(build: Callable, build_args: tuple, batch: int, repeat
 
 def memory_label(device: str) -> str:
     return "CUDA max allocated" if device == "cuda" else "peak RSS above the built model"
+
+
+def code_version(repo) -> str:
+    """The commit a measurement ran on (short hash), marked when the package or the benchmarks had uncommitted
+    changes; "unknown" outside a git checkout."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "nnunetv2_vf", "benchmarks"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head

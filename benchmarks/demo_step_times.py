@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _measure import code_version  # noqa: E402
+
 TABLE = REPO / "nnunetv2_vf" / "demo_data" / "step_times.json"
 RESULTS = REPO / "benchmarks" / "results" / "demo_step_times_cpu.json"
 
@@ -41,14 +44,6 @@ def read_timings(folder: Path, mode: str) -> dict:
     return record
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-output", nargs=2, metavar=("QUICK_DIR", "DEFAULT_DIR"),
@@ -65,7 +60,7 @@ def main() -> None:
     table = json.loads(TABLE.read_text())
     date = time.strftime("%Y-%m-%d")
     table.update({mode: records[mode]["seconds"] for mode in records})
-    table["source"] = (f"benchmarks/demo_step_times.py on {date}, commit {commit()}, {os.cpu_count()} CPUs "
+    table["source"] = (f"benchmarks/demo_step_times.py on {date}, commit {code_version(REPO)}, {os.cpu_count()} CPUs "
                        f"({platform.processor() or platform.machine()}), load average {load_before:.1f} before")
     result = {**table, "runs": records}
     results = Path(args.results)

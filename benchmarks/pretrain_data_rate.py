@@ -5,7 +5,9 @@ The pipeline is the pretraining's own: ``VolumeCache`` (nnU-Net's compressed ``.
 earlier versions as the baseline, measured in the same run) -> ``VFPretrainDataLoader`` (random crop, the authors'
 flips) -> ``VolumeFusionTransform`` ('paper' and 'grid', with the deep-supervision label pyramid), one batch of 2 at
 64x128x128. Inputs: CT-sized synthetic volumes (quantised smooth noise in HU, 160x320x320, like an abdominal CT at
-about 1.5 mm) preprocessed with the CT window, and the bundled left-atrium MRI.
+about 1.5 mm) preprocessed with the CT window, and the bundled hippocampus and left-atrium MRI (smaller than the
+patch: read whole and padded by reflection). Reads come from the page cache, and from the disk with the page cache
+evicted before every batch (``posix_fadvise``; a corpus larger than the node's memory).
 
 1. Per worker: batches generated in-process, single-threaded (like one batchgenerators worker), -> samples/s.
 2. Workers needed for a step of ``--step-s`` (0.5 s) with a wait under 5 %: ceil(batch / step / (0.95 x rate)).
@@ -32,6 +34,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _measure import code_version  # noqa: E402
 
 
 def synthetic_ct(path: Path, shape, seed: int) -> None:
@@ -139,10 +143,11 @@ def main(argv=None) -> dict:
     for i in range(a.ct_volumes):
         ct_files.append(work / f"ct_{i:03d}_0000.nii.gz")
         synthetic_ct(ct_files[-1], a.ct_shape, i)
-    la = sorted((Path(a.shared) / "data" / "Dataset010_LeftAtrium" / "imagesTr").glob("*.nii.gz"))[:8]
     sources = {"synthetic CT": (ct_files, Preprocessing("CT"))}
-    if la:
-        sources["left atrium MRI"] = (la, Preprocessing("MR"))
+    for name, dataset in (("hippocampus MRI", "Dataset004_Hippocampus"), ("left atrium MRI", "Dataset010_LeftAtrium")):
+        files = sorted((Path(a.shared) / "data" / dataset / "imagesTr").glob("*.nii.gz"))[:8]
+        if files:  # the bundled datasets
+            sources[name] = (files, Preprocessing("MR"))
     rows, waits = [], []
     for name, (files, prep) in sources.items():
         caches = {}
@@ -181,7 +186,7 @@ def main(argv=None) -> dict:
     result = {"patch": a.patch, "batch": a.batch, "step_s": a.step_s, "ct_shape": a.ct_shape,
               "ct_volumes": a.ct_volumes, "rows": rows, "waits": waits,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "smoke": a.smoke,
-              "commit": os.popen(f"git -C {REPO} rev-parse --short HEAD 2>/dev/null").read().strip()}
+              "commit": code_version(REPO)}
     out = Path(a.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(result, indent=2))

@@ -35,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _measure import code_version  # noqa: E402
 BASELINE_COMMIT = "40661d6"  # the last commit before manifests, the .b2nd cache and the preprocessing pool
 PAPER_VOLUMES = 110_000
 
@@ -197,7 +199,7 @@ def _study(a, work: Path) -> dict:
         return max(0.0, (first[key] - first_small[key]) / max(1, n - small))
 
     extrapolated = {k: first[k] + per_volume(k) * (PAPER_VOLUMES - n) for k in ("seconds", "rss_mb")}
-    fill = rows[f"this code: fill the cache ({a.processes} processes, .b2nd)"]
+    fill = rows["this code: fill the cache (1 process, .b2nd)"]
     result = {
         "volumes": n, "shape": a.shape, "patch": a.patch, "processes": a.processes, "rows": rows,
         "cache_bytes_per_voxel": {name: r["cache_bytes"] / voxels for name, r in rows.items()
@@ -207,10 +209,10 @@ def _study(a, work: Path) -> dict:
         "first_iteration_s": first["seconds"], "first_iteration_rss_mb": first["rss_mb"],
         "training_preprocessed_nothing": first["preprocessed_nothing"],
         "extrapolated_to_110k": {"first_iteration_s": extrapolated["seconds"], "rss_mb": extrapolated["rss_mb"],
-                                 "fill_cache_hours_per_process_equivalent":
+                                 "fill_cache_hours_one_process":
                                      PAPER_VOLUMES / (fill["volumes"] / fill["seconds"]) / 3600},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "baseline_commit": BASELINE_COMMIT,
-        "commit": os.popen(f"git -C {REPO} rev-parse --short HEAD 2>/dev/null").read().strip()}
+        "commit": code_version(REPO)}
     out = Path(a.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
