@@ -104,12 +104,13 @@ def test_manifest_needs_a_modality_and_continue_refuses_a_changed_manifest(tmp_p
     assert f"the run's manifest {manifest} does not exist any more" in _cli_error(["-o", out, "--continue"])
 
 
-def test_compressed_cache_is_lossless_and_at_most_2_bytes_per_voxel(tmp_path, shared_dir):
+@pytest.mark.parametrize("crop", [(64, 128, 128), (16, 32, 32)])  # the paper's patch; one smaller than the volumes
+def test_compressed_cache_is_lossless_and_at_most_2_bytes_per_voxel(tmp_path, shared_dir, crop):
     """Hippocampus and left atrium MRI as the pretraining caches them: nnU-Net's blosc2 format, exactly the
     preprocessed float32 values, at most 2 bytes per voxel (the .npy cache needed 4)."""
     for dataset in ("Dataset004_Hippocampus", "Dataset010_LeftAtrium"):
         files = sorted((shared_dir / "data" / dataset / "imagesTr").glob("*.nii.gz"))[:6]
-        cache = VolumeCache(files, tmp_path / dataset, Preprocessing("MR"), (64, 128, 128))
+        cache = VolumeCache(files, tmp_path / dataset, Preprocessing("MR"), crop)
         assert preprocess_volumes(cache, range(len(files)), num_processes=1, progress=False) == set()
         stored = voxels = 0
         for i, f in enumerate(files):
