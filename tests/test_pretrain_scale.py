@@ -213,6 +213,34 @@ def _node(rank: int, port: int, args: list, env: dict, log: Path) -> subprocess.
                             stdin=subprocess.DEVNULL)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts its workers in sessions of their own, so killing
+    the agent's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _kill_node(node: subprocess.Popen) -> None:
+    """A node's death: its torchrun agent and every process it started, at once."""
+    for pid in [node.pid, *_descendants(node.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.wait()
+
+
 def _iteration(checkpoint: Path) -> int:
     try:
         return int(torch.load(checkpoint, weights_only=True)["iteration"])
@@ -235,21 +263,17 @@ def test_two_nodes_c10d_killed_node_then_both_resume_to_one_consistent_checkpoin
             assert time.time() < deadline and all(n.poll() is None for n in nodes), \
                 (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
             time.sleep(1)
-        os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 dies: its agent and its worker
-        # the survivor's next collective fails (the peer's connection is gone) and it exits; if it hangs, it is
-        # stopped as the documented procedure says
-        try:
-            nodes[0].wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(nodes[0].pid, signal.SIGTERM)
-            nodes[0].wait(timeout=60)
+        _kill_node(nodes[1])  # node 1 dies: its agent, its worker, the worker's loader processes
+        killed_at = _iteration(out / "checkpoint_latest.pth")
+        nodes[0].wait(timeout=300)  # the survivor's next collective fails: it must end by itself
         assert nodes[0].returncode != 0
+        survivor = (tmp_path / "node0.log").read_text()
     finally:
         for n in nodes:
             if n.poll() is None:
-                os.killpg(n.pid, signal.SIGKILL)
+                _kill_node(n)
     reached = _iteration(out / "checkpoint_latest.pth")
-    assert 3 <= reached < 400
+    assert 3 <= killed_at <= reached <= killed_at + 1, survivor[-3000:]  # nobody trained on alone
     target = reached + 2
     port = _free_port()
     nodes = [_node(r, port, [*args, "--iterations", str(target), "--continue"], env, tmp_path / f"resume{r}.log")
