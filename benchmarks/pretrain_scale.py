@@ -109,9 +109,7 @@ def _child(task: dict) -> dict:
         every = VolumeCache(files, cache_dir, Preprocessing("CT"), task["patch"])
         files = check_volume_headers(files, task["processes"], {every.files[i] for i in every.cached()})
         cache = VolumeCache(files, cache_dir, Preprocessing("CT"), task["patch"])
-        present = cache.cached()
-        todo = [i for i in range(len(cache)) if i not in present]
-        preprocess_volumes(cache, todo, task["processes"], progress=False)
+        preprocess_volumes(cache, cache.missing(range(len(cache))), task["processes"], progress=False)
         ready = len(cache) - len(cache.failed)
     seconds = time.perf_counter() - t0
     entries = [p for p in Path(cache_dir).rglob("*") if p.suffix in (".npy", ".b2nd")]

@@ -129,8 +129,10 @@ def test_legacy_npy_cache_is_read_then_rewritten_compressed(tmp_path, hippo_file
     assert cache.entry(0) == cache.legacy_path(0) and cache.legacy_entries() == [0]
     np.testing.assert_array_equal(cache.load(0), data)  # read as it is, not preprocessed again
     assert not cache.cache_path(0).exists()
+    # training reads a legacy entry as it is; --preprocess-only rewrites it
+    assert cache.missing([0, 1]) == [1] and cache.missing([0, 1], rewrite_legacy=True) == [0, 1]
     preprocess_volumes(cache, [0, 1], num_processes=1, progress=False)
-    assert not cache.legacy_path(0).exists() and cache.cached() == {0, 1}
+    assert not cache.legacy_path(0).exists() and cache.cached() == {0, 1} and cache.missing([0, 1], True) == []
     np.testing.assert_array_equal(cache.load(0)[:], data)
 
 

@@ -223,11 +223,12 @@ def resumed_config(cfg: PretrainConfig, explicit: set, run_cfg: dict, manifest, 
     if manifest_problem:
         differences.append(manifest_problem)
     elif manifest_file != run_cfg.get("manifest"):  # the manifest moved (same content): continue on it
-        if _same_files(inputs, manifest, manifest_file) is None:
+        problem = _same_files(inputs, manifest, manifest_file)
+        if problem is None:
             moved = (run_cfg["manifest"], manifest_file)
         else:
             differences.append(f"--manifest: {manifest_file} has the run's content but lists other files "
-                               f"({_same_files(inputs, manifest, manifest_file)})")
+                               f"({problem})")
     if "inputs" in explicit and given["inputs"] and _absolute(given["inputs"]) != _absolute(inputs):
         problem = _same_files(given["inputs"], manifest, manifest_file)
         if problem:

@@ -418,9 +418,14 @@ class VolumeCache:
 
     def cached(self) -> set[int]:
         """Indices with a cache entry: one directory listing, not a stat per volume."""
+        return set(range(len(self))).difference(self.missing(range(len(self))))
+
+    def missing(self, indices: Sequence[int], rewrite_legacy: bool = False) -> list[int]:
+        """Those of ``indices`` without a cache entry (one directory listing); ``rewrite_legacy``: a legacy ``.npy``
+        entry counts as missing too (to be rewritten compressed)."""
         present = set(os.listdir(self.cache_dir))
-        return {i for i in range(len(self)) if self._stem(i) + CACHE_SUFFIX in present
-                or self._stem(i) + LEGACY_CACHE_SUFFIX in present}
+        return [i for i in indices if self._stem(i) + CACHE_SUFFIX not in present
+                and (rewrite_legacy or self._stem(i) + LEGACY_CACHE_SUFFIX not in present)]
 
     def legacy_entries(self) -> list[int]:
         present = set(os.listdir(self.cache_dir))
@@ -430,18 +435,24 @@ class VolumeCache:
     def job(self, i: int) -> tuple:
         return self.preprocessing, str(self.files[i]), str(self.cache_path(i)), self.crop_shape
 
+    def record_build(self, i: int, reason: Optional[str], caught: Sequence[str]) -> bool:
+        """Take the outcome of :func:`build_cache_entry` for volume ``i``: its warnings are raised here, in the
+        caller's process; a failure is warned once and marks ``i`` failed. True if the entry was made."""
+        for message in caught:
+            warnings.warn(message)
+        if reason is None:
+            return True
+        warnings.warn(f"skipping {self.files[i]}: cannot read/preprocess it ({reason})")
+        self.failed.add(i)
+        return False
+
     def load(self, i: int):
         """Memory-mapped [1, D, H, W] volume, or None if the file cannot be read (warned once)."""
         if i in self.failed:
             return None
         path = self.entry(i)
         if path is None:
-            reason, caught = build_cache_entry(self.job(i))
-            for message in caught:
-                warnings.warn(message)
-            if reason is not None:
-                warnings.warn(f"skipping {self.files[i]}: cannot read/preprocess it ({reason})")
-                self.failed.add(i)
+            if not self.record_build(i, *build_cache_entry(self.job(i))):
                 return None
             path = self.cache_path(i)
         return read_cached_volume(path)
@@ -452,25 +463,15 @@ def preprocess_volumes(cache: VolumeCache, indices: Sequence[int], num_processes
     """Fill ``cache`` for ``indices`` (those without an entry) in a pool of ``num_processes``, with a progress bar;
     legacy ``.npy`` entries among them are rewritten compressed. Warns for each volume that cannot be read and
     returns their indices (also added to ``cache.failed``)."""
-    legacy = set(cache.legacy_entries()).intersection(indices)
-    present = cache.cached() - legacy
-    todo = [i for i in indices if i not in present]
-    jobs = [cache.job(i) for i in todo]
+    todo = cache.missing(indices, rewrite_legacy=True)
+    legacy = set(cache.legacy_entries()).intersection(todo)
     if legacy:
         print(f"rewriting {len(legacy)} cached volume(s) of the uncompressed .npy format (4 bytes/voxel) as "
               f"compressed {CACHE_SUFFIX}", file=sys.stderr, flush=True)
-    results = _map(_build_or_convert, [(job, str(cache.legacy_path(i)) if i in legacy else None)
-                                       for i, job in zip(todo, jobs)],
+    results = _map(_build_or_convert, [(cache.job(i), str(cache.legacy_path(i)) if i in legacy else None)
+                                       for i in todo],
                    num_processes, desc, disable=not progress or not todo)
-    failed = set()
-    for i, (reason, caught) in zip(todo, results):
-        for message in caught:
-            warnings.warn(message)
-        if reason is not None:
-            warnings.warn(f"skipping {cache.files[i]}: cannot read/preprocess it ({reason})")
-            failed.add(i)
-    cache.failed |= failed
-    return failed
+    return {i for i, result in zip(todo, results) if not cache.record_build(i, *result)}
 
 
 def _build_or_convert(item: tuple) -> tuple[Optional[str], list[str]]:

@@ -177,7 +177,7 @@ class VFPretrainer:
         shard, loader_seed = rank_share(self.usable, self.rank, self.world_size, cfg.seed)
         self.loader = VFPretrainDataLoader(self.cache, shard, self.source_shape, cfg.batch_size,
                                            augmentation=cfg.augmentation, seed=loader_seed)
-        self.vf_transform = VolumeFusionTransform(cfg.variant, seed=cfg.seed + 1000 * self.rank + 1,
+        self.vf_transform = VolumeFusionTransform(cfg.variant, seed=loader_seed + 1,
                                                   deep_supervision_scales=self.ds_scales, params=self.fusion,
                                                   output_shape=self.patch_size)
         self.iteration = 0
@@ -187,14 +187,10 @@ class VFPretrainer:
         """Check the inputs' headers (those not cached yet), then preprocess the volumes missing from the cache,
         each rank its share, in a pool: unreadable ones are known before training and not counted, and workers only
         memory-map. Returns the indices of the usable volumes."""
-        cfg = self.cfg
-        processes = cfg.num_processes or default_num_processes()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.cache = self._open_cache(files, processes)
-            mine = list(range(self.rank, len(self.cache), self.world_size))
-            present = self.cache.cached()
-            todo = [i for i in mine if i not in present]
+            processes, mine = self._open_cache(files)
+            todo = self.cache.missing(mine)
             legacy = len(set(self.cache.legacy_entries()).intersection(mine))
             if todo:
                 self.log(f"preprocessing {len(todo)} of {len(self.cache)} volume(s) into {self.cache.cache_dir} "
@@ -216,30 +212,28 @@ class VFPretrainer:
             raise ValueError(f"none of the {len(self.cache)} input volume(s) could be read and preprocessed (reasons "
                              f"above and in {self.output_dir / 'training_log.txt'}): replace the broken files "
                              f"(truncated downloads, all-NaN images) or give other inputs")
-        self.skipped = len(self.cache) - len(usable)
         return usable
 
-    def _open_cache(self, files, processes: int) -> VolumeCache:
-        """The cache of the inputs whose headers show single-channel 3D volumes; the headers of inputs cached
-        already are not read again (a restart on a filled cache reads none)."""
+    def _open_cache(self, files) -> tuple[int, list[int]]:
+        """Open ``self.cache`` on the inputs whose headers show single-channel 3D volumes (the headers of inputs
+        cached already are not read again: a restart on a filled cache reads none). Returns (the preprocessing
+        processes, the indices of this rank's share)."""
+        processes = self.cfg.num_processes or default_num_processes()
         self.preprocessing = Preprocessing(self.cfg.normalization, self.cfg.spacing)
         root = self.cfg.cache_dir or self.output_dir / "cache"
         every = VolumeCache(files, root, self.preprocessing, self.source_shape)
         good = check_volume_headers(files, processes, {every.files[i] for i in every.cached()}, self.rank == 0)
-        return every if len(good) == len(every) else VolumeCache(good, root, self.preprocessing, self.source_shape)
+        self.cache = every if len(good) == len(every) else VolumeCache(good, root, self.preprocessing,
+                                                                       self.source_shape)
+        return processes, list(range(self.rank, len(self.cache), self.world_size))
 
     def preprocess(self) -> dict:
         """``--preprocess-only``: fill the cache (each rank its share, legacy entries rewritten compressed) and
         exit, like ``nnUNetv2_preprocess``. Returns counts of this rank."""
-        cfg = self.cfg
         files = self._input_files()
-        _, _, self.patch_size = build_network(cfg)  # the crop, which the cache's chunking follows
-        processes = cfg.num_processes or default_num_processes()
-        self.cache = self._open_cache(files, processes)
-        mine = list(range(self.rank, len(self.cache), self.world_size))
-        legacy = set(self.cache.legacy_entries())
-        present = self.cache.cached() - legacy
-        todo = [i for i in mine if i not in present]
+        _, _, self.patch_size = build_network(self.cfg)  # the crop, which the cache's chunking follows
+        processes, mine = self._open_cache(files)
+        todo = self.cache.missing(mine, rewrite_legacy=True)
         t0 = time.time()
         failed = preprocess_volumes(self.cache, todo, processes, progress=True,
                                     desc=f"preprocessing{f' (rank {self.rank})' if self.dist.is_ddp else ''}")
@@ -409,7 +403,7 @@ class VFPretrainer:
             self.log("no checkpoint yet: the run starts again from iteration 0")
         self.val_data, self.val_target = self._validation_set()
         nparams = sum(p.numel() for p in self.network.parameters())
-        skipped = self.skipped
+        skipped = len(self.cache) - len(self.usable)
         self.log(f"Volume Fusion pretraining ({cfg.variant}) of {self.architecture['network_class_name']} "
                  f"({nparams / 1e6:.2f} M parameters) on {len(self.usable)} volumes"
                  f"{f' ({skipped} skipped)' if skipped else ''}, patch {self.patch_size}, batch "
