@@ -32,6 +32,7 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path, shared_dir):
     rows = {r["mode"]: r for r in sections["precision"]["rows"]}
     assert rows["fp32"]["finite"] and rows["bf16 autocast"]["finite"]
     assert rows["bf16 autocast"]["output rel. diff"] < 0.1  # bf16 keeps ~3 significant digits
+    assert rows["bf16 autocast"]["grad rel. diff"] < 0.1  # not the garbage of a broken bf16 backward kernel
     assert sections["precision"]["torch.compile vs eager: output rel. diff"] < 1e-4
     assert sections["speed"]["PCT-Net / PlainConvUNet time"] > 0
     assert sections["speed"]["fastest PCT-Net / frozen baseline time (target <= 0.6)"] > 0
